@@ -1,0 +1,34 @@
+# classlab: download -> prepare -> pretrain -> <family> runs -> evaluate -> tables -> figures -> report.
+# `snakemake -c2` runs the default config; `--configfile config/smoke.yaml` the tiny test run;
+# `--workflow-profile workflow/profiles/slurm` sends training jobs to a SLURM cluster.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/supervised.smk"
+include: "workflow/rules/report.smk"
+
+
+report: "workflow/report/workflow.rst"
+
+
+# Cheap rules stay on the submitting host under a cluster executor.
+localrules:
+    all,
+    download_dataset,
+    aggregate_supervised,
+    merge_claims,
+    plot_supervised,
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets(),

@@ -1,0 +1,170 @@
+"""``classlab <stage> ...``: what every Snakemake rule calls, and what a person can run by hand."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _download(a):
+    from classlab.data.registry import get_dataset
+    from classlab.data.download import md5_of
+    from classlab.io import write_json
+
+    spec = get_dataset(a.dataset)
+    files = spec.download(Path(a.out_dir), a.mirror)
+    # the listing is written last: its presence means every file verified
+    write_json(Path(a.out_dir) / "files.json",
+               {"dataset": a.dataset, "files": {p.name: md5_of(p) for p in files}})
+
+
+def _prepare(a):
+    from classlab.data.prepare import prepare
+
+    prepare(a.dataset, Path(a.raw_dir), Path(a.out_dir), a.seed)
+
+
+def _train(a):
+    from classlab.train import train
+
+    train(a.family, a.method, Path(a.data), a.backbone, a.seed, Path(a.out_dir),
+          overrides=json.loads(a.overrides), init=Path(a.init) if a.init else None,
+          backbone_kwargs=json.loads(a.backbone_kwargs), pretrained_weights=a.pretrained_weights,
+          threads=a.threads, device=a.device, progress=not a.no_progress)
+
+
+def _evaluate(a):
+    from classlab.train import evaluate
+
+    evaluate(Path(a.model), Path(a.data), Path(a.out_dir), a.device, a.threads)
+
+
+def _aggregate(a):
+    from classlab.io import write_text
+    from classlab.report.claims import evaluate_claims
+    from classlab.report.tables import collect_runs, write_tables
+
+    write_tables(a.metrics, Path(a.runs_csv), Path(a.summary_csv), Path(a.summary_md))
+    claims = evaluate_claims(collect_runs(a.metrics), a.family)
+    write_text(a.claims_csv, claims.to_csv(index=False))
+
+
+def _merge_claims(a):
+    import pandas as pd
+
+    from classlab.io import write_text
+
+    frames = [pd.read_csv(p) for p in a.inputs]
+    write_text(a.out, pd.concat(frames, ignore_index=True).to_csv(index=False))
+
+
+def _figures(a):
+    from classlab.io import read_json
+    from classlab.report import figures
+    from classlab.report.tables import collect_runs
+
+    out = Path(a.out_dir)
+    runs = collect_runs(a.metrics)
+    figures.learning_curves([Path(p) for p in a.histories], out / "learning_curves.png")
+    figures.accuracy_by_method(runs, out / "accuracy_by_method.png")
+    figures.reliability_diagram([Path(p) for p in a.predictions], out / "reliability.png")
+    class_names = read_json(a.metrics[0])["class_names"]
+    figures.confusion_matrices([Path(p) for p in a.predictions], class_names, out / "confusion.png")
+
+
+def _validate(a):
+    import yaml
+
+    from classlab.config import validate_config
+
+    config = {}
+    for path in a.configfile:
+        config.update(yaml.safe_load(Path(path).read_text()) or {})
+    validate_config(config)
+    print("config ok")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="classlab", description=__doc__)
+    sub = parser.add_subparsers(dest="stage", required=True)
+
+    p = sub.add_parser("download", help="place checksummed raw files of a dataset")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--mirror", default=None, help="local directory tried before the official URLs")
+    p.set_defaults(func=_download)
+
+    p = sub.add_parser("prepare", help="raw files -> uint8 tensors + manifest.json")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--raw-dir", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("train", help="train one method (resumes from out-dir/last.pt)")
+    p.add_argument("--family", required=True)
+    p.add_argument("--method", required=True)
+    p.add_argument("--data", required=True, help="prepared dataset directory")
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--backbone-kwargs", default="{}")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--overrides", default="{}", help="JSON hyperparameter overrides")
+    p.add_argument("--init", default=None, help="model.pt whose backbone initialises this run")
+    p.add_argument("--pretrained-weights", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="test-set predictions.npz + metrics.json")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("aggregate", help="tables and claims of one family")
+    p.add_argument("--family", required=True)
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--runs-csv", required=True)
+    p.add_argument("--summary-csv", required=True)
+    p.add_argument("--summary-md", required=True)
+    p.add_argument("--claims-csv", required=True)
+    p.set_defaults(func=_aggregate)
+
+    p = sub.add_parser("merge-claims", help="one claims table from every family's")
+    p.add_argument("--inputs", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_merge_claims)
+
+    p = sub.add_parser("figures", help="figures of one family on one dataset")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--predictions", nargs="+", required=True)
+    p.add_argument("--histories", nargs="+", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=_figures)
+
+    p = sub.add_parser("validate-config", help="check config files against the schema and registry")
+    p.add_argument("configfile", nargs="+")
+    p.set_defaults(func=_validate)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    from classlab.config import ConfigError
+    from classlab.data.download import ChecksumError
+    from classlab.engine.checkpoint import CheckpointError
+
+    try:
+        args.func(args)
+    except (ConfigError, ChecksumError, CheckpointError) as exc:
+        print(f"classlab {args.stage}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

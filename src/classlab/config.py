@@ -1,0 +1,104 @@
+"""Config validation and hyperparameter resolution.
+
+A config is checked against ``workflow/schemas/config.schema.yaml`` and then against the
+method registry (method names, hyperparameter keys) before any job starts. Errors name the
+offending key and what is allowed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+METHOD_CONFIGS = ROOT / "config" / "methods"
+
+
+class ConfigError(ValueError):
+    """The experiment config is invalid; the message names the key and what is allowed."""
+
+
+def _key_path(path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<top level>"
+
+
+def _format_error(err) -> str:
+    where = _key_path(err.absolute_path)
+    if err.validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(allowed)) if isinstance(err.instance, dict) else []
+        keys = ", ".join(f"{where + '.' if where != '<top level>' else ''}{k}" for k in extra)
+        return f"unknown config key {keys}; allowed keys here: {allowed}"
+    if err.validator == "enum":
+        return f"config key {where}: {err.instance!r} is not allowed; allowed values: {err.validator_value}"
+    if err.validator == "required":
+        return f"config key {where}: {err.message}"
+    return f"config key {where}: {err.message}"
+
+
+def method_config_path(family: str, method: str) -> Path:
+    return METHOD_CONFIGS / family / f"{method}.yaml"
+
+
+def method_defaults(family: str, method: str) -> dict[str, Any]:
+    """The method's hyperparameters with the paper's defaults, from config/methods/."""
+    path = method_config_path(family, method)
+    if not path.exists():
+        raise ConfigError(f"no hyperparameter file {path} for method {family}/{method}")
+    doc = yaml.safe_load(path.read_text()) or {}
+    return dict(doc.get("hparams", {}))
+
+
+def resolve_hparams(family: str, method: str, overrides: dict | None) -> dict[str, Any]:
+    hp = method_defaults(family, method)
+    for key, value in (overrides or {}).items():
+        if key not in hp:
+            raise ConfigError(f"unknown hyperparameter {key!r} for {family}/{method}; known: {sorted(hp)}")
+        hp[key] = value
+    return hp
+
+
+def validate_config(config: dict) -> dict:
+    """Validate ``config`` in place (filling schema defaults) or raise ConfigError."""
+    import jsonschema
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(_format_error(e) for e in errors))
+    config.setdefault("backbone_kwargs", {})
+    config.setdefault("pretrained_weights", False)
+    config.setdefault("mirrors", {})
+    config["pretrain"].setdefault("overrides", {})
+    from classlab.methods.registry import list_methods
+
+    problems = []
+    try:
+        resolve_hparams("pretrain", config["pretrain"]["method"], config["pretrain"]["overrides"])
+    except ConfigError as exc:
+        problems.append(f"config key pretrain.overrides: {exc}")
+    for family, spec in config["families"].items():
+        known = list_methods(family)
+        spec.setdefault("overrides", {})
+        for i, method in enumerate(spec["methods"]):
+            if method not in known:
+                problems.append(f"config key families.{family}.methods[{i}]: {method!r} is not a method of "
+                                f"family {family!r}; allowed values: {known}")
+        for method, overrides in spec["overrides"].items():
+            if method not in spec["methods"]:
+                problems.append(f"config key families.{family}.overrides.{method}: {method!r} is not in "
+                                f"families.{family}.methods {spec['methods']}")
+                continue
+            try:
+                resolve_hparams(family, method, overrides)
+            except ConfigError as exc:
+                problems.append(f"config key families.{family}.overrides.{method}: {exc}")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    return config

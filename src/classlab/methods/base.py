@@ -1,0 +1,76 @@
+"""What a method is: the part of training that differs from the shared loop.
+
+The engine (``classlab.engine.trainer``) owns batching, augmentation, device, precision,
+schedule, checkpoints and logging. A method is an ``nn.Module`` that holds the model and
+any state of its own (a teacher, a memory of past predictions, prototypes) as submodules
+or buffers, so that one ``state_dict`` checkpoints all of it. It overrides only the hooks
+it needs:
+
+- ``training_step(batch)`` -> ``(loss, logs)``: the loss of one batch.
+- ``param_groups()`` / ``configure_optimizer()``: what is trained, with which optimizer.
+- ``optimizer_step(loss, optimizer, closure)``: default backward + step; SAM-style
+  two-step updates re-evaluate ``closure()``.
+- ``on_train_start`` / ``on_epoch_start`` / ``on_epoch_end``: per-run and per-epoch work
+  (fill a memory, recluster, refresh targets).
+- ``forward(x)``: logits for evaluation.
+- ``num_views``: how many augmented views of each image the loader should produce.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class Method(nn.Module):
+    name: str = "method"
+    family: str = ""
+    num_views: int = 1
+    augment: bool = True  # set False for methods that train on fixed features
+
+    def __init__(self, model: nn.Module, hparams: dict, num_classes: int):
+        super().__init__()
+        self.model = model
+        self.hparams = dict(hparams)
+        self.num_classes = num_classes
+
+    # --- what is trained --------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+
+    def configure_optimizer(self) -> torch.optim.Optimizer:
+        from timm.optim import create_optimizer_v2
+
+        hp = self.hparams
+        kwargs = {}
+        if hp.get("optimizer", "sgd") in ("sgd", "nesterov", "momentum"):
+            kwargs["momentum"] = hp.get("momentum", 0.9)
+        return create_optimizer_v2(self.param_groups(), opt=hp.get("optimizer", "sgd"), lr=hp["lr"],
+                                   weight_decay=hp.get("weight_decay", 0.0), **kwargs)
+
+    # --- one batch --------------------------------------------------------------------
+    def training_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def optimizer_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                       closure: Callable[[], torch.Tensor]) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.hparams.get("grad_clip", 0) > 0:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.hparams["grad_clip"])
+        optimizer.step()
+
+    # --- run and epoch boundaries -----------------------------------------------------
+    def on_train_start(self, loader) -> None:
+        pass
+
+    def on_epoch_start(self, epoch: int) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int) -> None:
+        pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)

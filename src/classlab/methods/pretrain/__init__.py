@@ -1,0 +1,1 @@
+"""Pretraining methods: each makes one backbone checkpoint that downstream methods share."""

@@ -1,0 +1,1 @@
+"""Family ``supervised``: training recipes for one classifier on one dataset."""

@@ -1,0 +1,52 @@
+"""Aggregate per-run metrics into per-run and mean ± std tables (CSV and markdown)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from classlab.io import read_json, write_text
+
+SCALARS = ("top1", "balanced_top1", "nll", "ece_15", "ece_10_x100")
+
+
+def collect_runs(metric_files: list[str | Path]) -> pd.DataFrame:
+    rows = []
+    for path in metric_files:
+        m = read_json(path)
+        rows.append({"dataset": m["dataset"], "backbone": m["backbone"], "method": m["method"],
+                     "seed": int(m["seed"]), **{k: float(m[k]) for k in SCALARS}})
+    if not rows:
+        raise ValueError("no metrics files to aggregate")
+    return pd.DataFrame(rows).sort_values(["dataset", "backbone", "method", "seed"]).reset_index(drop=True)
+
+
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    """mean, std (ddof=1; 0 for one seed) and seed count per dataset x backbone x method."""
+    grouped = runs.groupby(["dataset", "backbone", "method"], sort=True)
+    out = grouped[list(SCALARS)].agg(["mean", "std"])
+    out.columns = [f"{m}_{s}" for m, s in out.columns]
+    out = out.fillna({f"{m}_std": 0.0 for m in SCALARS})
+    out["seeds"] = grouped.size()
+    return out.reset_index()
+
+
+def markdown_table(summary: pd.DataFrame) -> str:
+    header = "| dataset | backbone | method | top-1 (%) | balanced top-1 (%) | NLL | ECE-15 (%) | seeds |\n"
+    header += "|---|---|---|---|---|---|---|---|\n"
+    lines = []
+    for _, r in summary.iterrows():
+        lines.append(
+            f"| {r.dataset} | {r.backbone} | {r.method} | {100 * r.top1_mean:.2f} ± {100 * r.top1_std:.2f} | "
+            f"{100 * r.balanced_top1_mean:.2f} ± {100 * r.balanced_top1_std:.2f} | "
+            f"{r.nll_mean:.3f} ± {r.nll_std:.3f} | {100 * r.ece_15_mean:.2f} ± {100 * r.ece_15_std:.2f} | {r.seeds} |")
+    return header + "\n".join(lines) + "\n\nmean ± std over seeds (sample std, ddof=1); test split.\n"
+
+
+def write_tables(metric_files: list[str | Path], runs_csv: Path, summary_csv: Path, summary_md: Path) -> pd.DataFrame:
+    runs = collect_runs(metric_files)
+    summary = summarize(runs)
+    write_text(runs_csv, runs.to_csv(index=False))
+    write_text(summary_csv, summary.to_csv(index=False))
+    write_text(summary_md, markdown_table(summary))
+    return summary

@@ -1,0 +1,97 @@
+"""Stage functions behind the CLI: train a method from a prepared dataset, evaluate it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from classlab.config import resolve_hparams
+from classlab.data.prepare import load_prepared
+from classlab.engine import Trainer, TrainConfig, load_checkpoint, predict_logits, save_checkpoint
+from classlab.engine.checkpoint import CheckpointError
+from classlab.engine.device import pick_device, seed_everything, set_threads
+from classlab.io import atomic_path, write_json
+from classlab.methods.registry import get_method
+from classlab.metrics import summarize_classification
+from classlab.models import build_classifier
+
+
+def _model_from_meta(meta: dict):
+    return build_classifier(meta["backbone"], int(meta["in_chans"]), int(meta["num_classes"]),
+                            img_size=int(meta["img_size"]), backbone_kwargs=dict(meta.get("backbone_kwargs") or {}))
+
+
+def load_model(path: str | Path):
+    """Rebuild a Classifier from a ``model.pt`` written by ``train`` (plain tensors + meta)."""
+    state = load_checkpoint(path)
+    if "meta" not in state or "model" not in state:
+        raise CheckpointError(f"{path} is not a classlab model checkpoint (needs 'model' and 'meta')")
+    model = _model_from_meta(state["meta"])
+    model.load_state_dict(state["model"])
+    return model, state["meta"]
+
+
+def train(family: str, method: str, data_dir: Path, backbone: str, seed: int, out_dir: Path,
+          overrides: dict | None = None, init: Path | None = None, backbone_kwargs: dict | None = None,
+          pretrained_weights: bool = False, threads: int | None = None, device: str | None = None,
+          progress: bool = True) -> dict:
+    """Train ``family/method`` and write ``model.pt`` and ``history.json`` into ``out_dir``.
+
+    ``last.pt`` in ``out_dir`` is the per-epoch resume checkpoint; a rerun continues from it.
+    """
+    set_threads(threads)
+    seed_everything(seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hparams = resolve_hparams(family, method, overrides)
+    data = load_prepared(data_dir)
+    manifest = data.manifest
+    dev = pick_device(device)
+    meta = {"backbone": backbone, "backbone_kwargs": dict(backbone_kwargs or {}),
+            "in_chans": int(manifest["shape"][0]), "img_size": int(manifest["shape"][1]),
+            "num_classes": data.num_classes, "dataset": manifest["dataset"], "family": family,
+            "method": method, "seed": seed, "hparams": json.dumps(hparams, sort_keys=True),
+            "channel_mean": manifest["channel_mean"], "channel_std": manifest["channel_std"],
+            "init": str(init) if init else ""}
+    model = build_classifier(backbone, meta["in_chans"], meta["num_classes"], img_size=meta["img_size"],
+                             pretrained=pretrained_weights, backbone_kwargs=meta["backbone_kwargs"])
+    if init is not None:
+        source, source_meta = load_model(init)
+        if source_meta["backbone"] != backbone:
+            raise ValueError(f"init checkpoint {init} holds a {source_meta['backbone']} backbone, not {backbone}")
+        model.backbone.load_state_dict(source.backbone.state_dict())  # fresh head: classes may differ
+    method_obj = get_method(family, method)(model, hparams, data.num_classes)
+    trainer = Trainer(method_obj, TrainConfig.from_hparams(hparams), dev, seed, out_dir / "last.pt", progress)
+    indices = None
+    if hparams.get("classes"):
+        keep = torch.tensor(sorted(hparams["classes"]))
+        indices = torch.nonzero(torch.isin(data.train.y, keep)).flatten()
+    loader = trainer.make_loader(data.train.x, data.train.y, manifest["channel_mean"], manifest["channel_std"], indices)
+    history = trainer.fit(loader)
+    save_checkpoint({"model": {k: v.cpu() for k, v in method_obj.model.state_dict().items()}, "meta": meta},
+                    out_dir / "model.pt")
+    write_json(out_dir / "history.json", {"meta": meta, "epochs": history})
+    (out_dir / "last.pt").unlink(missing_ok=True)  # the final model supersedes the resume point
+    return {"history": history, "meta": meta}
+
+
+def evaluate(model_path: Path, data_dir: Path, out_dir: Path, device: str | None = None,
+             threads: int | None = None) -> dict:
+    """Save test-set ``predictions.npz`` (logits, labels) and ``metrics.json``."""
+    set_threads(threads)
+    model, meta = load_model(model_path)
+    data = load_prepared(data_dir)
+    dev = pick_device(device)
+    logits = predict_logits(model, data.test.x, meta["channel_mean"], meta["channel_std"], dev).numpy()
+    labels = data.test.y.numpy()
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir / "predictions.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, logits=logits.astype(np.float32), labels=labels)
+    metrics = summarize_classification(logits, labels, int(meta["num_classes"]))
+    metrics.update({k: meta[k] for k in ("dataset", "family", "method", "seed", "backbone")})
+    metrics["class_names"] = data.manifest["class_names"]
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
