@@ -1,10 +1,8 @@
 # Config validation, the experiment grid, and path helpers (no lambdas in rules).
 import json
-import os
-import shutil
-import sys
 
 from classlab.config import ConfigError, validate_config
+from classlab.workflow import ensure_cli_on_path
 
 try:
     validate_config(config)
@@ -13,12 +11,7 @@ except ConfigError as exc:
     raise WorkflowError(str(exc))
 
 
-# Rules call the `classlab` CLI. Snakemake run from a virtualenv without activating it would not
-# find it on PATH: put the interpreter's bin directory first (a conda env under --sdm conda
-# still wins inside its jobs, since its bin directory is prepended later).
-_BIN = os.path.dirname(sys.executable)
-if shutil.which("classlab") is None and os.path.exists(os.path.join(_BIN, "classlab")):
-    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
+ensure_cli_on_path()
 
 
 DATASETS = config["datasets"]
@@ -88,3 +81,35 @@ def all_targets():
 
 
 FIGURES = ["learning_curves", "accuracy_by_method", "reliability", "confusion"]
+
+
+# --- family `supervised` -------------------------------------------------------------------
+
+
+def supervised_overrides(wildcards):
+    return method_overrides("supervised", wildcards.sup_method)
+
+
+def supervised_runs(kind, dataset=None, backbone=None):
+    """Per-run files of the family: metrics.json, predictions.npz (results/eval) or history.json
+    (results/checkpoints)."""
+    pattern = {
+        "history.json": "results/checkpoints/supervised/{dataset}/{backbone}/{method}/seed{seed}/history.json",
+        "metrics.json": "results/eval/supervised/{dataset}/{backbone}/{method}/seed{seed}/metrics.json",
+        "predictions.npz": "results/eval/supervised/{dataset}/{backbone}/{method}/seed{seed}/predictions.npz",
+    }[kind]
+    return expand(
+        pattern,
+        dataset=[dataset] if dataset else DATASETS,
+        backbone=[backbone] if backbone else BACKBONES,
+        method=family_methods("supervised"),
+        seed=SEEDS,
+    )
+
+
+def supervised_figure_inputs(wildcards):
+    return {
+        "metrics": supervised_runs("metrics.json", wildcards.dataset, wildcards.backbone),
+        "predictions": supervised_runs("predictions.npz", wildcards.dataset, wildcards.backbone),
+        "histories": supervised_runs("history.json", wildcards.dataset, wildcards.backbone),
+    }

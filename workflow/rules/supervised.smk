@@ -5,10 +5,6 @@ wildcard_constraints:
     sup_method=_alternatives(family_methods("supervised") or ["none"]),
 
 
-def supervised_overrides(wildcards):
-    return method_overrides("supervised", wildcards.sup_method)
-
-
 rule finetune_supervised:
     input:
         init=pretrained_backbone,
@@ -55,26 +51,6 @@ rule evaluate_supervised:
         "classlab evaluate --model {input.model} --data data/prepared/{wildcards.dataset} --threads {threads} "
         "--out-dir results/eval/supervised/{wildcards.dataset}/{wildcards.backbone}/{wildcards.sup_method}/seed{wildcards.seed} "
         "> {log} 2>&1"
-
-
-def supervised_runs(kind, dataset=None, backbone=None):
-    """Per-run files of the family: metrics.json, predictions.npz or history.json."""
-    root = "results/checkpoints" if kind == "history.json" else "results/eval"
-    return expand(
-        root + "/supervised/{dataset}/{backbone}/{method}/seed{seed}/" + kind,
-        dataset=[dataset] if dataset else DATASETS,
-        backbone=[backbone] if backbone else BACKBONES,
-        method=family_methods("supervised"),
-        seed=SEEDS,
-    )
-
-
-def supervised_figure_inputs(wildcards):
-    return {
-        "metrics": supervised_runs("metrics.json", wildcards.dataset, wildcards.backbone),
-        "predictions": supervised_runs("predictions.npz", wildcards.dataset, wildcards.backbone),
-        "histories": supervised_runs("history.json", wildcards.dataset, wildcards.backbone),
-    }
 
 
 rule aggregate_supervised:

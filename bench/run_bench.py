@@ -1,0 +1,192 @@
+"""`make bench`: JSON lines, each measured in this run on this machine.
+
+1. loader: training throughput (images/s) of the engine's tensor-resident loader with batched
+   augmentation against a torchvision DataLoader with per-sample PIL transforms (the same
+   augmentation), on the same model, batch size, optimizer and thread count. ``ratio`` =
+   engine / best baseline configuration. Also the share of step time spent outside forward
+   and backward for each.
+2. noop_rerun: wall time of `snakemake -c2` on a DAG whose outputs are all up to date (the
+   default config when `make run` has completed here, else the smoke config in a scratch copy).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "bench" / "out"
+BIN = Path(sys.executable).parent
+
+
+def emit(row: dict) -> None:
+    line = json.dumps(row, sort_keys=True)
+    print(line, flush=True)
+    with open(OUT / "bench.jsonl", "a") as fh:
+        fh.write(line + "\n")
+
+
+def fashion_mnist() -> "PreparedDataset":
+    from classlab.data.prepare import load_prepared, prepare
+    from classlab.data.registry import get_dataset
+
+    prepared = ROOT / "data" / "prepared" / "fashion_mnist"
+    if not (prepared / "manifest.json").exists():
+        prepared = OUT / "fashion_mnist"
+        if not (prepared / "manifest.json").exists():
+            get_dataset("fashion_mnist").download(OUT / "raw_fashion_mnist")
+            prepare("fashion_mnist", OUT / "raw_fashion_mnist", prepared)
+    return load_prepared(prepared)
+
+
+def default_model():
+    from classlab.models import build_classifier
+
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    backbone = config["backbones"][0]
+    torch.manual_seed(0)
+    return build_classifier(backbone, 1, 10, img_size=28, backbone_kwargs=config["backbone_kwargs"].get(backbone, {})), backbone
+
+
+def timed_training(model, batches, steps: int, warmup: int = 5) -> dict:
+    """Run ``steps`` SGD steps, timing batch production and forward+backward separately."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    model.train()
+    it = iter(batches)
+    t_data = t_compute = t_total = 0.0
+    images = 0
+    for step in range(warmup + steps):
+        t0 = time.perf_counter()
+        x, y = next(it)
+        t1 = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        t3 = time.perf_counter()
+        if step >= warmup:
+            t_data += t1 - t0
+            t_compute += t2 - t1
+            t_total += t3 - t0
+            images += len(y)
+    return {"images_per_s": images / t_total, "share_outside_fwd_bwd": 1 - t_compute / t_total,
+            "data_s_per_step": t_data / steps, "steps": steps}
+
+
+def engine_batches(data, batch_size: int):
+    from classlab.data.loader import AugmentSpec, TensorLoader
+
+    loader = TensorLoader(data.train.x, data.train.y, batch_size, device=torch.device("cpu"),
+                          mean=data.manifest["channel_mean"], std=data.manifest["channel_std"], shuffle=True,
+                          seed=0, augment=AugmentSpec(pad=2, hflip=True), drop_last=True)
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            yield batch["x"], batch["y"]
+        epoch += 1
+
+
+def pil_batches(data, batch_size: int, workers: int):
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms
+
+    class UInt8Images(Dataset):
+        """The torchvision idiom: one PIL image per __getitem__, per-sample transforms."""
+
+        def __init__(self, x, y):
+            self.x, self.y = x.numpy(), y.numpy()
+            self.transform = transforms.Compose([
+                transforms.RandomCrop(28, padding=2), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                transforms.Normalize(data.manifest["channel_mean"], data.manifest["channel_std"])])
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return self.transform(Image.fromarray(self.x[i, 0], mode="L")), int(self.y[i])
+
+    loader = DataLoader(UInt8Images(data.train.x, data.train.y), batch_size=batch_size, shuffle=True,
+                        num_workers=workers, drop_last=True, persistent_workers=workers > 0)
+    while True:
+        yield from loader
+
+
+def bench_loader(steps: int) -> None:
+    torch.set_num_threads(2)
+    data = fashion_mnist()
+    batch_size = 128
+    results = {}
+    model, backbone = default_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    results["engine"] = timed_training(model, engine_batches(data, batch_size), steps)
+    for workers in (0, 2):
+        model.load_state_dict(state)
+        results[f"torchvision_pil_workers{workers}"] = timed_training(model, pil_batches(data, batch_size, workers), steps)
+    baseline_key = max((k for k in results if k != "engine"), key=lambda k: results[k]["images_per_s"])
+    emit({"bench": "loader_throughput", "model": f"{backbone} (config/config.yaml)", "batch_size": batch_size,
+          "threads": torch.get_num_threads(), "device": "cpu",
+          "engine_images_per_s": round(results["engine"]["images_per_s"], 1),
+          "baseline": baseline_key, "baseline_images_per_s": round(results[baseline_key]["images_per_s"], 1),
+          "ratio": round(results["engine"]["images_per_s"] / results[baseline_key]["images_per_s"], 3),
+          "engine_share_outside_fwd_bwd": round(results["engine"]["share_outside_fwd_bwd"], 4),
+          "baseline_share_outside_fwd_bwd": round(results[baseline_key]["share_outside_fwd_bwd"], 4),
+          "all": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in results.items()}})
+
+
+def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    return subprocess.run([str(BIN / "snakemake"), *args], cwd=workdir, env=env, capture_output=True, text=True)
+
+
+def _jobs_planned(workdir: Path, *args: str) -> int:
+    proc = _snakemake(workdir, "-n", *args)
+    return sum(1 for line in (proc.stdout + proc.stderr).splitlines() if line.startswith(("rule ", "localrule ")))
+
+
+def bench_noop() -> None:
+    workdir, args, dag = ROOT, [], "default (config/config.yaml)"
+    if _jobs_planned(ROOT) != 0:
+        # the default run has not completed here: measure the same thing on the smoke DAG
+        from tests.conftest import copy_repo
+
+        workdir = copy_repo(Path(tempfile.mkdtemp(prefix="classlab-bench-")) / "repo")
+        args, dag = ["--configfile", "config/smoke.yaml"], "smoke (config/smoke.yaml; default run not complete here)"
+        proc = _snakemake(workdir, "-c2", *args)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+    timings = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        proc = _snakemake(workdir, "-c2", *args)
+        timings.append(time.perf_counter() - t0)
+        if proc.returncode != 0 or "Nothing to be done" not in proc.stdout + proc.stderr:
+            raise RuntimeError("rerun was not a no-op:\n" + (proc.stdout + proc.stderr)[-2000:])
+    emit({"bench": "noop_rerun", "dag": dag, "wall_s": round(min(timings), 3),
+          "all_s": [round(t, 3) for t in timings], "target_s": 5.0})
+    if workdir != ROOT:
+        shutil.rmtree(workdir.parent, ignore_errors=True)
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "bench.jsonl").unlink(missing_ok=True)
+    steps = int(os.environ.get("BENCH_STEPS", "60"))
+    bench_loader(steps)
+    bench_noop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Shared fixtures: a scratch copy of the repository and one smoke run of the workflow."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+SKIP_DIRS = {".venv", "results", "logs", ".snakemake", ".git", ".pytest_cache", "__pycache__", "bench/out"}
+
+
+def env_with_venv() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def copy_repo(dest: Path) -> Path:
+    """A scratch copy of the working tree (no results, no caches), with the data layer's raw
+    digits file absent so the copy starts clean; the virtualenv is linked, not copied."""
+    def ignore(dirpath, names):
+        rel = Path(dirpath).relative_to(ROOT)
+        out = set()
+        for n in names:
+            p = str(rel / n) if str(rel) != "." else n
+            if n in SKIP_DIRS or p in SKIP_DIRS or n.endswith(".egg-info") or p == "data":
+                out.add(n)
+        return out
+
+    shutil.copytree(ROOT, dest, ignore=ignore, symlinks=True)
+    (dest / ".venv").symlink_to(ROOT / ".venv")
+    return dest
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    cmd = [str(VENV_BIN / "snakemake"), *args]
+    proc = subprocess.run(cmd, cwd=workdir, env=env_with_venv(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def planned_jobs(workdir: Path, *args: str) -> int:
+    """Number of jobs a dry run would execute (0 means the run is a no-op)."""
+    proc = snakemake(workdir, "-n", *args)
+    return sum(1 for line in (proc.stdout + proc.stderr).splitlines()
+               if line.startswith("rule ") or line.startswith("localrule "))
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """The smoke config run once, end to end, in a scratch copy; tests read (not modify) it."""
+    work = copy_repo(tmp_path_factory.mktemp("smoke") / "repo")
+    snakemake(work, "-c2", "--configfile", "config/smoke.yaml")
+    return work

@@ -1,0 +1,105 @@
+"""The engine: checkpoints are plain tensors, a SIGKILLed run resumes to the same result."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from classlab.data.prepare import prepare
+from classlab.data.registry import get_dataset
+from classlab.engine import CheckpointError, load_checkpoint, save_checkpoint
+from classlab.engine.schedule import lr_factor
+from tests.conftest import env_with_venv
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": Evil()}, path)
+    with pytest.raises(CheckpointError, match="not a plain-tensor checkpoint"):
+        load_checkpoint(path)
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "ok.pt"
+    save_checkpoint({"w": torch.ones(1000)}, path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="ok.pt"):
+        load_checkpoint(path)
+
+
+def test_plain_checkpoint_round_trip(tmp_path):
+    save_checkpoint({"w": torch.arange(3), "meta": {"name": "x", "n": 2}}, tmp_path / "c.pt")
+    out = load_checkpoint(tmp_path / "c.pt")
+    assert torch.equal(out["w"], torch.arange(3)) and out["meta"] == {"name": "x", "n": 2}
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_onecycle_schedule_shape():
+    total = 100
+    f = [lr_factor(s, total, "onecycle", 0.2) for s in range(total)]
+    assert f[0] == pytest.approx(0.04) and max(f) == pytest.approx(1.0, abs=0.02)
+    assert f[-1] == pytest.approx(0.0, abs=1e-9)
+    assert lr_factor(5, 10, "constant") == 1.0
+
+
+@pytest.fixture(scope="module")
+def digits_prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    spec = get_dataset("digits")
+    spec.download(root / "raw")
+    prepare("digits", root / "raw", root / "prepared")
+    return root / "prepared"
+
+
+def _train_cmd(data, out, epochs):
+    overrides = json.dumps({"epochs": epochs, "batch_size": 32, "augment_pad": 1})
+    return [sys.executable, "-m", "classlab.cli", "train", "--family", "pretrain", "--method", "supervised",
+            "--data", str(data), "--backbone", "convnet", "--backbone-kwargs",
+            json.dumps({"widths": [16, 32], "pool_after": [0]}), "--seed", "7", "--out-dir", str(out),
+            "--overrides", overrides, "--threads", "1", "--no-progress"]
+
+
+def test_sigkill_mid_run_resumes_to_identical_result(digits_prepared, tmp_path):
+    epochs = 12
+    reference = tmp_path / "reference"
+    subprocess.run(_train_cmd(digits_prepared, reference, epochs), check=True, env=env_with_venv(),
+                   capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(digits_prepared, killed, epochs), env=env_with_venv(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "last.pt").exists():  # the first epoch's checkpoint
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    time.sleep(0.15)  # into a later epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model.pt").exists(), "the run finished before the kill: test is void"
+    done = load_checkpoint(killed / "last.pt")["epoch"]
+    assert 1 <= done < epochs
+
+    resumed = subprocess.run(_train_cmd(digits_prepared, killed, epochs), env=env_with_venv(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"after epoch {done}" in resumed.stderr
+    a = load_checkpoint(reference / "model.pt")["model"]
+    b = load_checkpoint(killed / "model.pt")["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ha = json.loads((reference / "history.json").read_text())["epochs"]
+    hb = json.loads((killed / "history.json").read_text())["epochs"]
+    assert [e["loss"] for e in ha] == [e["loss"] for e in hb]
+    assert not (killed / "last.pt").exists()

@@ -1,0 +1,65 @@
+"""Method registry and the supervised family's core equations."""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from classlab.methods.registry import METHODS, get_method, list_methods
+from classlab.models import build_classifier
+
+
+@pytest.mark.parametrize("family", ["pretrain", "supervised"])
+def test_each_module_registers_the_method_it_is_named_after(family):
+    for name in list_methods(family):
+        importlib.import_module(f"classlab.methods.{family}.{name}")
+        assert (family, name) in METHODS, f"{family}/{name}.py registers no method named {name!r}"
+
+
+def test_unknown_method_names_the_family_and_the_choices():
+    with pytest.raises(KeyError, match="erm"):
+        get_method("supervised", "nope")
+
+
+def _batch(n=16, k=4):
+    torch.manual_seed(0)
+    return {"x": torch.randn(n, 1, 8, 8), "y": torch.randint(0, k, (n,)), "index": torch.arange(n)}
+
+
+def _model(k=4):
+    torch.manual_seed(0)
+    return build_classifier("convnet", 1, k, backbone_kwargs={"widths": [8, 8], "pool_after": [0]})
+
+
+def test_erm_loss_is_cross_entropy_with_label_smoothing():
+    batch = _batch()
+    method = get_method("supervised", "erm")(_model(), {"lr": 0.1, "label_smoothing": 0.1}, 4)
+    loss, logs = method.training_step(batch)
+    logits = logs["logits"]
+    # label smoothing eps: target (1 - eps) onehot + eps / K
+    target = 0.9 * F.one_hot(batch["y"], 4).float() + 0.1 / 4
+    expected = -(target * F.log_softmax(logits, 1)).sum(1).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_linear_probe_trains_only_the_head_and_keeps_bn_statistics():
+    model = _model()
+    method = get_method("supervised", "linear_probe")(model, {"lr": 0.5, "optimizer": "sgd"}, 4)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    head_before = model.head.weight.clone()
+    opt = method.configure_optimizer()
+    method.train()
+    for _ in range(3):
+        loss, _ = method.training_step(_batch())
+        method.optimizer_step(loss, opt, lambda: loss)
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, before[k]), f"backbone tensor {k} changed"
+    assert not torch.equal(model.head.weight, head_before)
+
+
+@pytest.mark.parametrize("backbone,size", [("convnet", 28), ("resnet18", 28), ("vit_tiny", 28)])
+def test_backbones_give_features_on_small_images(backbone, size):
+    model = build_classifier(backbone, 1, 10, img_size=size)
+    out = model(torch.randn(2, 1, size, size))
+    assert out.shape == (2, 10)
+    assert model.features(torch.randn(2, 1, size, size)).shape == (2, model.num_features)

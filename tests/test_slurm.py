@@ -1,0 +1,47 @@
+"""The smoke config through `--executor slurm` on a real single-node cluster, to the report."""
+import os
+
+import pandas as pd
+import pytest
+
+from tests.conftest import copy_repo, planned_jobs, snakemake
+from tests.slurm_cluster import LocalSlurm, missing_requirements
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    why = missing_requirements()
+    if why:
+        pytest.skip(why)
+    slurm = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        slurm.start()
+        yield slurm
+    finally:
+        slurm.stop()
+
+
+def test_smoke_run_on_slurm(cluster, tmp_path, monkeypatch):
+    work = copy_repo(tmp_path / "repo")
+    for key, value in cluster.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("CLASSLAB_SLURM_GPUS", "0")  # the test node has no GPU; real clusters keep 1
+    monkeypatch.setenv("CLASSLAB_SLURM_PARTITION", "debug")
+    args = ["--configfile", "config/smoke.yaml", "--workflow-profile", "workflow/profiles/slurm"]
+    proc = snakemake(work, *args, "--slurm-status-command", "squeue",
+                     "--slurm-init-seconds-before-status-checks", "1", "--latency-wait", "5", timeout=1200)
+    log = proc.stdout + proc.stderr
+    # training and evaluation went through sbatch; downloads, tables and plots stayed local
+    remote = {line[len("rule "):].rstrip(":") for line in log.splitlines() if line.startswith("rule ")}
+    local = {line[len("localrule "):].rstrip(":") for line in log.splitlines() if line.startswith("localrule ")}
+    assert {"pretrain_backbone", "finetune_supervised", "evaluate_supervised"} <= remote, remote
+    assert {"download_dataset", "aggregate_supervised", "plot_supervised"} <= local, local
+    assert log.count("has been submitted with SLURM jobid") == len(
+        [l for l in log.splitlines() if l.startswith("rule ")])
+    summary = pd.read_csv(work / "results/tables/supervised/summary.csv")
+    assert set(summary.method) == {"erm", "linear_probe"}
+    snakemake(work, *args, "--report", "results/report.html")
+    assert (work / "results/report.html").stat().st_size > 100_000
+    assert planned_jobs(work, "--configfile", "config/smoke.yaml") == 0

@@ -1,0 +1,70 @@
+"""End to end: the smoke config through Snakemake to the HTML report; reruns are no-ops; the
+lock refuses a second concurrent run; the workflow lints clean."""
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import VENV_BIN, env_with_venv, planned_jobs, snakemake
+
+pytestmark = pytest.mark.slow
+
+
+def test_smoke_run_produces_tables_figures_claims(smoke_run):
+    summary = pd.read_csv(smoke_run / "results/tables/supervised/summary.csv")
+    assert set(summary.method) == {"erm", "linear_probe"}
+    assert (summary.seeds == 2).all()
+    assert summary.top1_mean.between(0.2, 1.0).all()  # far above 10-class chance on digits
+    claims = pd.read_csv(smoke_run / "results/claims.csv")
+    assert claims.verdict.isin(["holds", "inconclusive", "does not hold"]).all()
+    for name in ("learning_curves", "accuracy_by_method", "reliability", "confusion"):
+        png = smoke_run / f"results/figures/supervised/digits/convnet/{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # one pretrained backbone per seed, shared by both methods
+    assert len(list((smoke_run / "results/checkpoints/pretrain").rglob("model.pt"))) == 2
+
+
+def test_rerun_is_a_noop(smoke_run):
+    assert planned_jobs(smoke_run, "--configfile", "config/smoke.yaml") == 0
+
+
+def test_report_html(smoke_run):
+    snakemake(smoke_run, "--configfile", "config/smoke.yaml", "--report", "results/report.html")
+    html = (smoke_run / "results/report.html").read_text(errors="ignore")
+    assert len(html) > 100_000
+    for text in ("claims.csv", "summary.md", "confusion.png", "reliability.png", "learning_curves.png",
+                 "accuracy_by_method.png"):
+        assert text in html, text
+
+
+def test_second_concurrent_run_is_refused_by_the_lock(smoke_run, tmp_path):
+    work = tmp_path / "locked"
+    shutil.copytree(smoke_run, work, symlinks=True)
+    cmd = [str(VENV_BIN / "snakemake"), "-c1", "--configfile", "config/smoke.yaml",
+           "--forcerun", "aggregate_supervised", "plot_supervised"]
+    first = subprocess.Popen(cmd, cwd=work, env=env_with_venv(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    locks = work / ".snakemake" / "locks"
+    deadline = time.time() + 120
+    while not (locks.exists() and any(locks.iterdir())):
+        assert first.poll() is None, "the first run ended before it took the lock"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    second = snakemake(work, "-c1", "--configfile", "config/smoke.yaml", "--forcerun", "aggregate_supervised",
+                       check=False)
+    first_out = first.communicate(timeout=600)[0]
+    assert second.returncode != 0
+    assert "lock" in (second.stdout + second.stderr).lower()
+    assert first.returncode == 0, first_out[-3000:]
+    # the first run's results are whole: nothing left to do, tables parse
+    assert planned_jobs(work, "--configfile", "config/smoke.yaml") == 0
+    pd.read_csv(work / "results/tables/supervised/summary.csv")
+
+
+def test_lint_is_clean():
+    from tests.conftest import ROOT
+
+    proc = snakemake(ROOT, "--lint", check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
