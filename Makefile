@@ -34,8 +34,8 @@ system-deps:
 	else echo "not root with apt: skipping system packages (Fashion-MNIST mirror, SLURM)"; fi
 
 run: setup
-	$(SNAKEMAKE) --cores $(CORES)
-	$(SNAKEMAKE) --cores $(CORES) --report results/report.html
+	$(SNAKEMAKE) --cores $(CORES) --workflow-profile workflow/profiles/default
+	$(SNAKEMAKE) --cores 1 --report results/report.html
 	@echo "report: $(CURDIR)/results/report.html"
 
 test: setup

@@ -6,13 +6,18 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The default experiment, unless another config is given with --configfile (configs are
+# complete experiments: they replace the default rather than being merged into it).
+if not config:
+
+    configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/supervised.smk"
+include: "workflow/rules/incremental.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -26,6 +31,10 @@ localrules:
     aggregate_supervised,
     merge_claims,
     plot_supervised,
+    build_scenario,
+    evaluate_incremental,
+    aggregate_incremental,
+    plot_incremental,
 
 
 rule all:

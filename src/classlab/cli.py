@@ -29,8 +29,13 @@ def _prepare(a):
 def _train(a):
     from classlab.train import train
 
+    overrides = json.loads(a.overrides)
+    if a.classes_from_scenario:
+        from classlab.data.scenarios import ClassIncrementalScenario
+
+        overrides["classes"] = ClassIncrementalScenario.load(Path(a.classes_from_scenario)).tasks[0].classes
     train(a.family, a.method, Path(a.data), a.backbone, a.seed, Path(a.out_dir),
-          overrides=json.loads(a.overrides), init=Path(a.init) if a.init else None,
+          overrides=overrides, init=Path(a.init) if a.init else None,
           backbone_kwargs=json.loads(a.backbone_kwargs), pretrained_weights=a.pretrained_weights,
           threads=a.threads, device=a.device, progress=not a.no_progress)
 
@@ -74,6 +79,63 @@ def _figures(a):
     figures.confusion_matrices([Path(p) for p in a.predictions], class_names, out / "confusion.png")
 
 
+def _build_scenario(a):
+    from classlab.data.prepare import load_prepared
+    from classlab.data.scenarios import build_scenario
+
+    data = load_prepared(Path(a.data))
+    params = json.loads(a.params)
+    kind = params.pop("kind")
+    params.pop("init", None)
+    scenario = build_scenario(kind, data.manifest["dataset"], data.train.y.numpy(), data.num_classes, a.seed, **params)
+    scenario.save(Path(a.out))
+
+
+def _train_incremental(a):
+    from classlab.protocols.incremental import run_incremental
+
+    run_incremental(a.method, Path(a.data), Path(a.scenario), a.backbone, a.seed, Path(a.ckpt_dir), Path(a.eval_dir),
+                    overrides=json.loads(a.overrides), init=Path(a.init) if a.init else None,
+                    backbone_kwargs=json.loads(a.backbone_kwargs), threads=a.threads, device=a.device,
+                    progress=not a.no_progress)
+
+
+def _evaluate_incremental(a):
+    import numpy as np
+
+    from classlab.data.scenarios import ClassIncrementalScenario
+    from classlab.io import read_json, write_json
+    from classlab.metrics.incremental import summarize_incremental
+
+    scenario = ClassIncrementalScenario.load(Path(a.scenario))
+    meta = read_json(a.history)["meta"]
+    with np.load(a.predictions) as z:
+        steps = [(z[f"logits_task{t}"].argmax(1), z[f"labels_task{t}"]) for t in range(scenario.num_tasks)]
+        anytime = np.concatenate([z[k] for k in sorted(z.files) if k.startswith("anytime_task")]) \
+            if any(k.startswith("anytime_task") for k in z.files) else None
+    metrics = summarize_incremental(steps, scenario.task_of_class(), scenario.kind, anytime)
+    metrics.update({k: meta[k] for k in ("dataset", "method", "seed", "backbone", "scenario", "scenario_kind")})
+    metrics["task_classes"] = [t.classes for t in scenario.tasks]
+    metrics["init"] = meta["init"]
+    write_json(a.out, metrics)
+
+
+def _aggregate_incremental(a):
+    from classlab.io import write_text
+    from classlab.report.incremental import incremental_claims, write_incremental_tables
+
+    runs = write_incremental_tables(a.metrics, Path(a.runs_csv), Path(a.summary_csv), Path(a.summary_md))
+    write_text(a.claims_csv, incremental_claims(runs).to_csv(index=False))
+
+
+def _figures_incremental(a):
+    from classlab.report.incremental import accuracy_curves, accuracy_matrix_heatmaps
+
+    out = Path(a.out_dir)
+    accuracy_curves([Path(p) for p in a.metrics], out / "accuracy_curves.png")
+    accuracy_matrix_heatmaps([Path(p) for p in a.metrics], out / "accuracy_matrix.png")
+
+
 def _validate(a):
     import yaml
 
@@ -113,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--overrides", default="{}", help="JSON hyperparameter overrides")
     p.add_argument("--init", default=None, help="model.pt whose backbone initialises this run")
+    p.add_argument("--classes-from-scenario", default=None,
+                   help="scenario JSON: train on its first task's classes only (labels of later tasks unseen)")
     p.add_argument("--pretrained-weights", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default=None)
@@ -148,6 +212,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=_figures)
 
+    p = sub.add_parser("build-scenario", help="write a task sequence as a JSON manifest of indices")
+    p.add_argument("--data", required=True)
+    p.add_argument("--params", required=True, help="JSON: kind and the builder's parameters")
+    p.add_argument("--seed", type=int, required=True, help="class-order seed")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_build_scenario)
+
+    p = sub.add_parser("train-incremental", help="run an incremental method through a scenario")
+    p.add_argument("--method", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--scenario", required=True)
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--backbone-kwargs", default="{}")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--ckpt-dir", required=True)
+    p.add_argument("--eval-dir", required=True)
+    p.add_argument("--overrides", default="{}")
+    p.add_argument("--init", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_train_incremental)
+
+    p = sub.add_parser("evaluate-incremental", help="metrics.json from per-task predictions")
+    p.add_argument("--predictions", required=True)
+    p.add_argument("--scenario", required=True)
+    p.add_argument("--history", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_evaluate_incremental)
+
+    p = sub.add_parser("aggregate-incremental", help="tables and claims of the incremental family")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--runs-csv", required=True)
+    p.add_argument("--summary-csv", required=True)
+    p.add_argument("--summary-md", required=True)
+    p.add_argument("--claims-csv", required=True)
+    p.set_defaults(func=_aggregate_incremental)
+
+    p = sub.add_parser("figures-incremental", help="accuracy curves and accuracy-matrix heat maps")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=_figures_incremental)
+
     p = sub.add_parser("validate-config", help="check config files against the schema and registry")
     p.add_argument("configfile", nargs="+")
     p.set_defaults(func=_validate)
@@ -156,11 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     from classlab.config import ConfigError
     from classlab.data.download import ChecksumError
+    from classlab.data.scenarios import ScenarioError
     from classlab.engine.checkpoint import CheckpointError
 
     try:
         args.func(args)
-    except (ConfigError, ChecksumError, CheckpointError) as exc:
+    except (ConfigError, ChecksumError, CheckpointError, ScenarioError) as exc:
         print(f"classlab {args.stage}: error: {exc}", file=sys.stderr)
         return 2
     return 0

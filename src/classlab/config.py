@@ -83,6 +83,8 @@ def validate_config(config: dict) -> dict:
         resolve_hparams("pretrain", config["pretrain"]["method"], config["pretrain"]["overrides"])
     except ConfigError as exc:
         problems.append(f"config key pretrain.overrides: {exc}")
+    if "incremental" in config["families"]:
+        problems += _validate_incremental(config)
     for family, spec in config["families"].items():
         known = list_methods(family)
         spec.setdefault("overrides", {})
@@ -102,3 +104,57 @@ def validate_config(config: dict) -> dict:
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return config
+
+
+SCENARIO_PARAMS = {
+    "class_incremental": {"initial", "increment"},
+    "few_shot": {"base_classes", "ways", "shots"},
+    "si_blurry": {"num_tasks", "disjoint_class_ratio", "blurry_sample_ratio", "samples_per_class"},
+}
+
+
+def _validate_incremental(config: dict) -> list[str]:
+    """Scenario parameters against the datasets' class counts (a dry build), method names per
+    scenario, and memory budgets (at least one exemplar per class). Fills ``methods``."""
+    import numpy as np
+
+    from classlab.data.registry import get_dataset
+    from classlab.data.scenarios import ScenarioError, build_scenario
+
+    problems = []
+    spec = config["families"]["incremental"]
+    for name, scenario in spec["scenarios"].items():
+        scenario.setdefault("init", "scratch")
+        kind = scenario["kind"]
+        params = {k: v for k, v in scenario.items() if k not in ("kind", "init")}
+        unknown = set(params) - SCENARIO_PARAMS[kind]
+        if unknown:
+            problems.append(f"config key families.incremental.scenarios.{name}: {sorted(unknown)} do not apply to "
+                            f"kind {kind!r}; allowed: {sorted(SCENARIO_PARAMS[kind])}")
+            continue
+        for dataset in config["datasets"]:
+            k = get_dataset(dataset).num_classes
+            # structural dry run on synthetic labels (shots are checked on the real data at build time)
+            labels = np.repeat(np.arange(k), max(int(params.get("shots", 1)), 2))
+            try:
+                build_scenario(kind, dataset, labels, k, 0, **params)
+            except ScenarioError as exc:
+                problems.append(f"config key families.incremental.scenarios.{name} on {dataset}: {exc}")
+    methods: list[str] = []
+    for name, run_methods in spec["runs"].items():
+        if name not in spec["scenarios"]:
+            problems.append(f"config key families.incremental.runs.{name}: no such scenario; "
+                            f"allowed values: {sorted(spec['scenarios'])}")
+        methods += [m for m in run_methods if m not in methods]
+    spec["methods"] = methods
+    spec.setdefault("overrides", {})
+    largest = max(get_dataset(d).num_classes for d in config["datasets"])
+    for method in methods:
+        try:
+            hp = resolve_hparams("incremental", method, spec["overrides"].get(method))
+        except ConfigError:
+            continue  # reported by the generic check
+        if "memory_size" in hp and int(hp["memory_size"]) < largest:
+            problems.append(f"config key families.incremental.overrides.{method}.memory_size: {hp['memory_size']} "
+                            f"is below one exemplar per class ({largest} classes)")
+    return problems

@@ -1,7 +1,7 @@
 # Config validation, the experiment grid, and path helpers (no lambdas in rules).
 import json
 
-from classlab.config import ConfigError, validate_config
+from classlab.config import ConfigError, resolve_hparams, validate_config
 from classlab.workflow import ensure_cli_on_path
 
 try:
@@ -29,7 +29,7 @@ def _alternatives(values):
 wildcard_constraints:
     dataset=_alternatives(DATASETS),
     seed=_alternatives(SEEDS),
-    backbone=_alternatives(BACKBONES),
+    backbone=_alternatives(["convnet", "resnet18", "vit_tiny"]),
     pretrain=_alternatives([PRETRAIN]),
 
 
@@ -68,7 +68,12 @@ def pretrained_backbone(wildcards):
 
 def all_targets():
     targets = ["results/claims.csv"]
+    if "incremental" in FAMILIES:
+        targets += ["results/tables/incremental/summary.md", "results/tables/incremental/summary.csv"]
+        targets += incremental_figure_targets()
     for family in FAMILIES:
+        if family == "incremental":
+            continue
         targets += [f"results/tables/{family}/summary.md", f"results/tables/{family}/summary.csv"]
         targets += expand(
             "results/figures/{family}/{dataset}/{backbone}/{name}.png",
@@ -113,3 +118,82 @@ def supervised_figure_inputs(wildcards):
         "predictions": supervised_runs("predictions.npz", wildcards.dataset, wildcards.backbone),
         "histories": supervised_runs("history.json", wildcards.dataset, wildcards.backbone),
     }
+
+
+# --- family `incremental` ------------------------------------------------------------------
+
+INCREMENTAL = FAMILIES.get("incremental", {})
+INCREMENTAL_SCENARIOS = INCREMENTAL.get("scenarios", {})
+INCREMENTAL_RUNS = INCREMENTAL.get("runs", {})
+
+
+def scenario_params_json(wildcards):
+    return json.dumps(INCREMENTAL_SCENARIOS[wildcards.scenario], sort_keys=True)
+
+
+def incremental_overrides(wildcards):
+    return method_overrides("incremental", wildcards.inc_method)
+
+
+def incremental_init_inputs(wildcards):
+    """The scenario, the data and the backbone a run starts from: none (scratch) or supervised
+    pretraining on the first task's classes only (so that later classes' labels are never seen)."""
+    inputs = {
+        "scenario": f"results/scenarios/{wildcards.dataset}/{wildcards.scenario}/seed{wildcards.seed}.json",
+        "manifest": ancient(f"data/prepared/{wildcards.dataset}/manifest.json"),
+        "hparams": f"config/methods/incremental/{wildcards.inc_method}.yaml",
+    }
+    if INCREMENTAL_SCENARIOS[wildcards.scenario]["init"] != "scratch":
+        inputs["init"] = ancient(
+            f"results/checkpoints/pretrain_first_task/{wildcards.dataset}/{wildcards.backbone}/"
+            f"{wildcards.scenario}/seed{wildcards.seed}/model.pt"
+        )
+    return inputs
+
+
+def incremental_init_option(wildcards, input):
+    return f"--init {input.init}" if "init" in input.keys() else ""
+
+
+def incremental_backbones(method):
+    """A method whose paper fixes the architecture (prompts and LoRA need a ViT) names it in
+    its hyperparameters (`backbone: vit_tiny`); the others run on the config's backbones."""
+    named = resolve_hparams("incremental", method, INCREMENTAL.get("overrides", {}).get(method)).get("backbone")
+    return [named] if named else BACKBONES
+
+
+def incremental_metrics(dataset=None, backbone=None, scenario=None):
+    out = []
+    for scen, methods in INCREMENTAL_RUNS.items():
+        if scenario and scen != scenario:
+            continue
+        for method in methods:
+            backbones = [b for b in incremental_backbones(method) if backbone is None or b == backbone]
+            out += expand(
+                "results/eval/incremental/{dataset}/{backbone}/{scenario}/{method}/seed{seed}/metrics.json",
+                dataset=[dataset] if dataset else DATASETS,
+                backbone=backbones,
+                scenario=[scen],
+                method=[method],
+                seed=SEEDS,
+            )
+    return out
+
+
+def incremental_figure_targets():
+    """One figure set per dataset x backbone x scenario that has runs."""
+    targets = []
+    for scen, methods in INCREMENTAL_RUNS.items():
+        backbones = sorted({b for m in methods for b in incremental_backbones(m)})
+        targets += expand(
+            "results/figures/incremental/{dataset}/{backbone}/{scenario}/{name}.png",
+            dataset=DATASETS,
+            backbone=backbones,
+            scenario=[scen],
+            name=["accuracy_curves", "accuracy_matrix"],
+        )
+    return targets
+
+
+def incremental_figure_inputs(wildcards):
+    return incremental_metrics(wildcards.dataset, wildcards.backbone, wildcards.scenario)

@@ -53,21 +53,28 @@ class Trainer:
         self.progress = progress
         self.history: list[dict] = []
 
-    def make_loader(self, x: torch.Tensor, y: torch.Tensor, mean, std, indices=None) -> TensorLoader:
+    def make_loader(self, x: torch.Tensor, y: torch.Tensor, mean, std, indices=None, shuffle: bool = True,
+                    drop_last: bool | None = None) -> TensorLoader:
         cfg = self.config
+        n = len(indices) if indices is not None else len(y)
+        if drop_last is None:
+            drop_last = n > cfg.batch_size  # a ragged last batch would skew BatchNorm statistics
         augment = AugmentSpec(cfg.augment_pad, cfg.augment_hflip) if self.method.augment else AugmentSpec()
-        return TensorLoader(x, y, cfg.batch_size, device=self.device, mean=mean, std=std, shuffle=True,
-                            seed=self.seed, augment=augment, drop_last=len(y) > cfg.batch_size,
+        return TensorLoader(x, y, cfg.batch_size, device=self.device, mean=mean, std=std, shuffle=shuffle,
+                            seed=self.seed, augment=augment, drop_last=drop_last,
                             views=self.method.num_views, indices=indices)
 
-    def fit(self, loader: TensorLoader) -> list[dict]:
+    def fit(self, loader: TensorLoader, optimizer: torch.optim.Optimizer | None = None) -> list[dict]:
+        """Train for ``config.epochs`` over ``loader``. An ``optimizer`` passed in is kept
+        (online protocols call fit once per chunk of a stream with one optimizer)."""
         method, cfg = self.method, self.config
-        optimizer = method.configure_optimizer()
+        optimizer = optimizer or method.configure_optimizer()
         for group in optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])
         steps_per_epoch = len(loader)
         total_steps = cfg.epochs * steps_per_epoch
         start_epoch = 0
+        self.optimizer = optimizer
         method.on_train_start(loader)
         if self.checkpoint is not None and self.checkpoint.exists():
             state = load_checkpoint(self.checkpoint, map_location=self.device)

@@ -1,0 +1,192 @@
+"""Scenarios are data: a task sequence written as a JSON manifest of indices with its seed.
+
+Every method in a comparison reads the same manifest, so each sees exactly the same samples in
+the same order. The class order comes from ``class_order_seed`` and is recorded; the torch seed
+of a run is recorded separately by the run itself.
+
+Kinds:
+- ``class_incremental``: B0IncK (``initial`` 0 or equal to ``increment``: every task has
+  ``increment`` classes) and BxIncK (a first task of ``initial`` classes, then ``increment``).
+- ``few_shot``: a base session of ``base_classes`` with all their samples, then sessions of
+  ``ways`` new classes with ``shots`` training samples each (FSCIL; TEEN).
+- ``si_blurry``: Stochastic incremental Blurry boundaries (Moon et al., ICCV 2023 / MVP):
+  ``disjoint_class_ratio`` of the classes appear in one task only; the others are "blurry":
+  ``blurry_sample_ratio`` of their samples are scattered into other tasks. Task sizes are
+  random (stochastic boundaries). Training is one online pass over the stream.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from classlab.io import write_json
+
+
+class ScenarioError(ValueError):
+    """A scenario that does not fit the dataset; the message names the field."""
+
+
+@dataclass
+class Task:
+    classes: list[int]            # classes first introduced by this task (in class order)
+    train_indices: list[int]      # indices into the prepared train split, in stream order
+    test_classes: list[int] = field(default_factory=list)  # classes evaluated after this task (all seen)
+
+
+@dataclass
+class ClassIncrementalScenario:
+    kind: str
+    dataset: str
+    num_classes: int
+    class_order: list[int]
+    class_order_seed: int
+    params: dict
+    tasks: list[Task]
+    pretrain_classes: list[int] = field(default_factory=list)  # labels a pretrained backbone may have seen
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def task_of_class(self) -> dict[int, int]:
+        return {c: t for t, task in enumerate(self.tasks) for c in task.classes}
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: Path) -> "ClassIncrementalScenario":
+        doc = json.loads(Path(path).read_text())
+        doc["tasks"] = [Task(**t) for t in doc["tasks"]]
+        return cls(**doc)
+
+
+def _check(cond: bool, field_name: str, message: str) -> None:
+    if not cond:
+        raise ScenarioError(f"scenario.{field_name}: {message}")
+
+
+def _class_order(num_classes: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).permutation(num_classes).tolist()
+
+
+def class_incremental(dataset: str, train_labels: np.ndarray, num_classes: int, *, initial: int, increment: int,
+                      seed: int) -> ClassIncrementalScenario:
+    """B0IncK when ``initial`` is 0 (or equal to ``increment``), BxIncK otherwise."""
+    _check(increment >= 1, "increment", f"must be at least 1 class per task, got {increment}")
+    _check(initial >= 0, "initial", f"must be >= 0, got {initial}")
+    first = initial or increment
+    _check(first <= num_classes, "initial", f"{first} classes requested but {dataset} has {num_classes}")
+    _check((num_classes - first) % increment == 0, "increment",
+           f"{num_classes - first} classes after the first task do not split into tasks of {increment}")
+    _check(num_classes - first >= increment or first == num_classes, "increment", "needs at least one task")
+    order = _class_order(num_classes, seed)
+    groups = [order[:first]] + [order[i:i + increment] for i in range(first, num_classes, increment)]
+    tasks, seen = [], []
+    rng = np.random.default_rng(seed + 1)
+    for group in groups:
+        seen = seen + group
+        idx = np.flatnonzero(np.isin(train_labels, group))
+        tasks.append(Task(group, rng.permutation(idx).tolist(), list(seen)))
+    kind_name = "B0Inc" if initial in (0, increment) else f"B{initial}Inc"
+    return ClassIncrementalScenario("class_incremental", dataset, num_classes, order, seed,
+                                    {"initial": initial, "increment": increment, "name": f"{kind_name}{increment}"},
+                                    tasks, pretrain_classes=[])
+
+
+def few_shot(dataset: str, train_labels: np.ndarray, num_classes: int, *, base_classes: int, ways: int, shots: int,
+             seed: int) -> ClassIncrementalScenario:
+    """A base session with all samples of ``base_classes``, then N-way K-shot sessions."""
+    _check(base_classes >= 1, "base_classes", f"must be at least 1, got {base_classes}")
+    _check(base_classes < num_classes, "base_classes",
+           f"{base_classes} base classes leave no novel class of {num_classes}")
+    _check(ways >= 1, "ways", f"a session needs at least 1 new class, got {ways}")
+    _check(shots >= 1, "shots", f"a session needs at least 1 shot, got {shots}")
+    _check((num_classes - base_classes) % ways == 0, "ways",
+           f"{num_classes - base_classes} novel classes do not split into {ways}-way sessions")
+    counts = np.bincount(train_labels, minlength=num_classes)
+    _check(int(counts.min()) >= shots, "shots", f"{shots} shots but a class has only {int(counts.min())} samples")
+    order = _class_order(num_classes, seed)
+    rng = np.random.default_rng(seed + 1)
+    base = order[:base_classes]
+    tasks = [Task(base, rng.permutation(np.flatnonzero(np.isin(train_labels, base))).tolist(), list(base))]
+    seen = list(base)
+    for i in range(base_classes, num_classes, ways):
+        group = order[i:i + ways]
+        seen = seen + group
+        idx = np.concatenate([rng.choice(np.flatnonzero(train_labels == c), shots, replace=False) for c in group])
+        tasks.append(Task(group, rng.permutation(idx).tolist(), list(seen)))
+    return ClassIncrementalScenario("few_shot", dataset, num_classes, order, seed,
+                                    {"base_classes": base_classes, "ways": ways, "shots": shots,
+                                     "name": f"{base_classes}+{ways}way{shots}shot"}, tasks)
+
+
+def si_blurry(dataset: str, train_labels: np.ndarray, num_classes: int, *, num_tasks: int,
+              disjoint_class_ratio: float, blurry_sample_ratio: float, seed: int,
+              samples_per_class: int | None = None) -> ClassIncrementalScenario:
+    """Si-Blurry: random task sizes, disjoint and blurry classes, blurry samples scattered."""
+    _check(num_tasks >= 2, "num_tasks", f"needs at least 2 tasks, got {num_tasks}")
+    _check(num_tasks <= num_classes, "num_tasks", f"{num_tasks} tasks but only {num_classes} classes")
+    _check(0.0 <= disjoint_class_ratio <= 1.0, "disjoint_class_ratio", "must lie in [0, 1]")
+    _check(0.0 <= blurry_sample_ratio <= 1.0, "blurry_sample_ratio", "must lie in [0, 1]")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(num_classes).tolist()
+    n_disjoint = int(round(disjoint_class_ratio * num_classes))
+    disjoint, blurry = order[:n_disjoint], order[n_disjoint:]
+
+    def random_split(items: list[int]) -> list[list[int]]:
+        # stochastic boundaries: cut points drawn at random, every task may get a different count
+        if not items:
+            return [[] for _ in range(num_tasks)]
+        cuts = np.sort(rng.choice(np.arange(1, len(items)), size=min(num_tasks - 1, len(items) - 1), replace=False))
+        parts = [p.tolist() for p in np.split(np.array(items), cuts)]
+        return parts + [[] for _ in range(num_tasks - len(parts))]
+
+    disjoint_parts, blurry_parts = random_split(disjoint), random_split(blurry)
+    task_samples: list[list[int]] = [[] for _ in range(num_tasks)]
+    new_classes: list[list[int]] = [[] for _ in range(num_tasks)]
+    for t in range(num_tasks):
+        for c in disjoint_parts[t] + blurry_parts[t]:
+            idx = rng.permutation(np.flatnonzero(train_labels == c))
+            if samples_per_class:
+                idx = idx[:samples_per_class]
+            new_classes[t].append(int(c))
+            if c in blurry and num_tasks > 1:
+                n_out = int(round(blurry_sample_ratio * len(idx)))
+                others = [u for u in range(num_tasks) if u != t]
+                for i in idx[:n_out]:
+                    task_samples[int(rng.choice(others))].append(int(i))
+                idx = idx[n_out:]
+            task_samples[t].extend(int(i) for i in idx)
+    tasks, seen = [], []
+    for t in range(num_tasks):
+        stream = rng.permutation(np.array(task_samples[t], dtype=np.int64)).tolist()
+        # a class is "seen" from the first task whose stream contains it
+        present = sorted(set(int(train_labels[i]) for i in stream) - set(seen), key=order.index)
+        seen = seen + present
+        tasks.append(Task(present, stream, list(seen)))
+    _check(all(t.train_indices for t in tasks), "num_tasks", "a task received no samples; use fewer tasks")
+    return ClassIncrementalScenario("si_blurry", dataset, num_classes, order, seed,
+                                    {"num_tasks": num_tasks, "disjoint_class_ratio": disjoint_class_ratio,
+                                     "blurry_sample_ratio": blurry_sample_ratio,
+                                     "name": f"SiBlurry{num_tasks}(N{int(100 * disjoint_class_ratio)},M{int(100 * blurry_sample_ratio)})"},
+                                    tasks)
+
+
+BUILDERS = {"class_incremental": class_incremental, "few_shot": few_shot, "si_blurry": si_blurry}
+
+
+def build_scenario(kind: str, dataset: str, train_labels: np.ndarray, num_classes: int, seed: int,
+                   **params) -> ClassIncrementalScenario:
+    if kind not in BUILDERS:
+        raise ScenarioError(f"scenario.kind: {kind!r} is not allowed; allowed values: {sorted(BUILDERS)}")
+    try:
+        return BUILDERS[kind](dataset, np.asarray(train_labels), num_classes, seed=seed, **params)
+    except TypeError as exc:
+        raise ScenarioError(f"scenario ({kind}): {exc}") from None

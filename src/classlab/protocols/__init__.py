@@ -1,0 +1,1 @@
+"""Family protocols: the scenario runner and learner interface each family owns."""
