@@ -7,7 +7,8 @@ method (an ``IncrementalLearner``) says only what differs:
 - ``training_indices(task, seen, memory)``: which train samples this task trains on
   (default: the task's samples, plus the memory if ``uses_memory``);
 - ``training_step(batch)``: the loss of one batch (the engine's loop runs it);
-- ``end_task(t, context)``: update memory, prototypes, statistics, classifier alignment;
+- ``end_task(t, context)``: prototypes, statistics, classifier alignment (the protocol has
+  already updated the exemplar memory with this task's classes);
 - ``predict(x)``: logits over all classes (the protocol masks classes not yet seen).
 
 Everything a learner keeps across tasks is a submodule or buffer allocated for all
@@ -210,10 +211,10 @@ def run_incremental(method: str, data_dir: Path, scenario_path: Path, backbone: 
         context = TaskContext(t, task.classes, task.test_classes, data.train.x, data.train.y, task_idx, memory,
                               lambda idx: features_of(idx, learner.features),
                               lambda idx: features_of(idx, learner.predict), dev)
-        learner.end_task(t, context)
-        if memory is not None:
+        if memory is not None:  # before end_task, so that it sees this task's exemplars
             new = {c: task_idx[data.train.y[task_idx] == c] for c in task.classes}
             memory.update(new, context.embed)
+        learner.end_task(t, context)
 
         # evaluate on the test samples of every class seen so far
         test_mask = torch.isin(test_y, torch.tensor(task.test_classes))
