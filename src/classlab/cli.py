@@ -117,6 +117,7 @@ def _evaluate_incremental(a):
     metrics.update({k: meta[k] for k in ("dataset", "method", "seed", "backbone", "scenario", "scenario_kind")})
     metrics["task_classes"] = [t.classes for t in scenario.tasks]
     metrics["init"] = meta["init"]
+    metrics["init_kind"] = meta.get("init_kind", "scratch")
     write_json(a.out, metrics)
 
 

@@ -77,8 +77,11 @@ def _class_order(num_classes: int, seed: int) -> list[int]:
 
 
 def class_incremental(dataset: str, train_labels: np.ndarray, num_classes: int, *, initial: int, increment: int,
-                      seed: int) -> ClassIncrementalScenario:
-    """B0IncK when ``initial`` is 0 (or equal to ``increment``), BxIncK otherwise."""
+                      seed: int, samples_per_class: int | None = None) -> ClassIncrementalScenario:
+    """B0IncK when ``initial`` is 0 (or equal to ``increment``), BxIncK otherwise.
+
+    ``samples_per_class`` keeps a seeded subset of each class's training samples (for runs that
+    must fit a CPU budget; the manifest records it)."""
     _check(increment >= 1, "increment", f"must be at least 1 class per task, got {increment}")
     _check(initial >= 0, "initial", f"must be >= 0, got {initial}")
     first = initial or increment
@@ -86,17 +89,23 @@ def class_incremental(dataset: str, train_labels: np.ndarray, num_classes: int, 
     _check((num_classes - first) % increment == 0, "increment",
            f"{num_classes - first} classes after the first task do not split into tasks of {increment}")
     _check(num_classes - first >= increment or first == num_classes, "increment", "needs at least one task")
+    if samples_per_class is not None:
+        _check(samples_per_class >= 1, "samples_per_class", f"must be at least 1, got {samples_per_class}")
     order = _class_order(num_classes, seed)
     groups = [order[:first]] + [order[i:i + increment] for i in range(first, num_classes, increment)]
     tasks, seen = [], []
     rng = np.random.default_rng(seed + 1)
     for group in groups:
         seen = seen + group
-        idx = np.flatnonzero(np.isin(train_labels, group))
+        if samples_per_class is None:
+            idx = np.flatnonzero(np.isin(train_labels, group))
+        else:
+            idx = np.concatenate([rng.permutation(np.flatnonzero(train_labels == c))[:samples_per_class] for c in group])
         tasks.append(Task(group, rng.permutation(idx).tolist(), list(seen)))
     kind_name = "B0Inc" if initial in (0, increment) else f"B{initial}Inc"
     return ClassIncrementalScenario("class_incremental", dataset, num_classes, order, seed,
-                                    {"initial": initial, "increment": increment, "name": f"{kind_name}{increment}"},
+                                    {"initial": initial, "increment": increment, "name": f"{kind_name}{increment}",
+                                     "samples_per_class": samples_per_class},
                                     tasks, pretrain_classes=[])
 
 

@@ -238,7 +238,7 @@ def run_incremental(method: str, data_dir: Path, scenario_path: Path, backbone: 
     meta = {"method": method, "family": "incremental", "seed": seed, "backbone": backbone,
             "dataset": scenario.dataset, "scenario": scenario.params.get("name", scenario.kind),
             "scenario_kind": scenario.kind, "hparams": json.dumps(hparams, sort_keys=True),
-            "init": str(init) if init else "", "init_classes": init_meta.get("hparams", "") if init_meta else "",
+            "init": str(init) if init else "", "init_kind": _describe_init(init_meta),
             "class_order": scenario.class_order, "class_order_seed": scenario.class_order_seed}
     eval_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(eval_dir / "predictions.npz") as tmp:
@@ -249,6 +249,15 @@ def run_incremental(method: str, data_dir: Path, scenario_path: Path, backbone: 
     for t in range(scenario.num_tasks):
         (ckpt_dir / f"task{t}.pt").unlink(missing_ok=True)
     return {"history": history, "meta": meta}
+
+
+def _describe_init(init_meta: dict) -> str:
+    """How the backbone was initialised, for the report: which labels it may have seen."""
+    if not init_meta:
+        return "scratch"
+    classes = json.loads(init_meta.get("hparams", "{}")).get("classes") or []
+    seen = f"classes {sorted(classes)} only" if classes else "ALL classes (later tasks' labels seen)"
+    return f"{init_meta.get('family', '')}/{init_meta.get('method', '')} pretraining on {seen}"
 
 
 class _Fn(torch.nn.Module):

@@ -19,13 +19,14 @@ SCALARS = ("last_accuracy", "average_incremental_accuracy", "forgetting", "forge
            "forgetting_class_balanced", "base_accuracy", "novel_accuracy", "harmonic_mean", "performance_drop",
            "anytime_auc", "forgotten_accuracy", "retained_accuracy", "mean_average_precision")
 KEYS = ["dataset", "backbone", "scenario", "method"]
+TEXT = ("init_kind",)
 
 
 def collect(metric_files: list[str | Path]) -> pd.DataFrame:
     rows = []
     for path in metric_files:
         m = read_json(path)
-        rows.append({**{k: m[k] for k in KEYS}, "seed": int(m["seed"]),
+        rows.append({**{k: m[k] for k in KEYS}, "seed": int(m["seed"]), "init_kind": m.get("init_kind", "scratch"),
                      **{k: float(m[k]) for k in SCALARS if m.get(k) is not None}})
     if not rows:
         raise ValueError("no metrics files to aggregate")
@@ -38,6 +39,10 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     out = grouped[cols].agg(["mean", "std"])
     out.columns = [f"{m}_{s}" for m, s in out.columns]
     out["seeds"] = grouped.size()
+    # which labels the starting backbone saw (each seed has its own first task: list the kind)
+    out["backbone_init"] = grouped["init_kind"].agg(
+        lambda v: "scratch" if set(v) == {"scratch"} else v.iloc[0].split(" on ")[0] + " on first-task classes"
+        if all("only" in x for x in v) else "; ".join(sorted(set(v))))
     return out.reset_index()
 
 
@@ -49,8 +54,8 @@ def _pm(row, name: str, scale: float = 100.0) -> str:
 
 
 def markdown(summary: pd.DataFrame) -> str:
-    lines = ["| dataset | scenario | method | last acc. (%) | avg. incr. acc. (%) | forgetting (%) | "
-             "last acc., class-bal. (%) | extra | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | scenario | method | backbone init | last acc. (%) | avg. incr. acc. (%) | forgetting (%) | "
+             "last acc., class-bal. (%) | extra | seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in summary.iterrows():
         extra = []
         for name, label in (("novel_accuracy", "novel"), ("base_accuracy", "base"), ("harmonic_mean", "HM"),
@@ -58,7 +63,7 @@ def markdown(summary: pd.DataFrame) -> str:
                             ("retained_accuracy", "retained"), ("mean_average_precision", "mAP")):
             if f"{name}_mean" in r and not pd.isna(r[f"{name}_mean"]):
                 extra.append(f"{label} {_pm(r, name)}")
-        lines.append(f"| {r.dataset} | {r.scenario} | {r.method} | {_pm(r, 'last_accuracy')} | "
+        lines.append(f"| {r.dataset} | {r.scenario} | {r.method} | {r.backbone_init} | {_pm(r, 'last_accuracy')} | "
                      f"{_pm(r, 'average_incremental_accuracy')} | {_pm(r, 'forgetting')} | "
                      f"{_pm(r, 'last_accuracy_class_balanced')} | {'; '.join(extra) or '-'} | {r.seeds} |")
     return "\n".join(lines) + ("\n\nmean ± std over seeds (each seed its own class order). Accuracies are "
