@@ -103,3 +103,11 @@ def test_sigkill_mid_run_resumes_to_identical_result(digits_prepared, tmp_path):
     hb = json.loads((killed / "history.json").read_text())["epochs"]
     assert [e["loss"] for e in ha] == [e["loss"] for e in hb]
     assert not (killed / "last.pt").exists()
+
+
+def test_saved_tensors_are_byte_reproducible(tmp_path):
+    # DVC hashes files: the same tensors must give the same bytes whatever the file is called
+    obj = {"x": torch.arange(100, dtype=torch.uint8), "meta": {"k": 1}}
+    save_checkpoint(obj, tmp_path / "a.pt")
+    save_checkpoint(obj, tmp_path / "b" / "other_name.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b" / "other_name.pt").read_bytes()

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from classlab.data.registry import get_dataset
-from classlab.io import atomic_path, read_json, write_json
+from classlab.engine.checkpoint import save_checkpoint
+from classlab.io import read_json, write_json
 
 
 def _sha256(path: Path) -> str:
@@ -37,9 +38,8 @@ def prepare(dataset: str, raw_dir: Path, out_dir: Path, seed: int = 0) -> dict:
         if len(x) != len(y):
             raise ValueError(f"{dataset}/{split}: {len(x)} images but {len(y)} labels")
         target = out_dir / f"{split}.pt"
-        with atomic_path(target) as tmp:
-            torch.save({"x": torch.from_numpy(np.ascontiguousarray(x)),
-                        "y": torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))}, tmp)
+        save_checkpoint({"x": torch.from_numpy(np.ascontiguousarray(x)),
+                         "y": torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))}, target)
         files[split] = {"file": target.name, "sha256": _sha256(target), "count": int(len(y)),
                         "per_class": np.bincount(y, minlength=len(class_names)).tolist()}
     manifest = {

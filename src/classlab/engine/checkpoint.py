@@ -1,6 +1,7 @@
 """Checkpoints are tensors, not code: saved atomically, loaded with ``weights_only=True``."""
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,13 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
+    """Atomic and byte-reproducible: torch.save names the zip records after the target file,
+    so serialising straight to the temporary name would make equal tensors hash differently
+    (DVC would see changed data). A buffer gets the fixed record name "archive"."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buffer.getvalue())
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
