@@ -10,9 +10,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from classlab.io import read_json, write_text  # noqa: E402
+from classlab.io import read_json  # noqa: E402
 from classlab.report.claims import evaluate_claims  # noqa: E402
 from classlab.report.figures import _save  # noqa: E402
+from classlab.report.tables import write_table_set  # noqa: E402
 
 SCALARS = ("last_accuracy", "average_incremental_accuracy", "forgetting", "forgetting_initial",
            "backward_transfer", "last_accuracy_class_balanced", "average_incremental_accuracy_class_balanced",
@@ -73,9 +74,7 @@ def markdown(summary: pd.DataFrame) -> str:
 def write_incremental_tables(metric_files, runs_csv: Path, summary_csv: Path, summary_md: Path) -> pd.DataFrame:
     runs = collect(metric_files)
     summary = summarize(runs)
-    write_text(runs_csv, runs.to_csv(index=False))
-    write_text(summary_csv, summary.to_csv(index=False))
-    write_text(summary_md, markdown(summary))
+    write_table_set(runs, summary, markdown(summary), runs_csv, summary_csv, summary_md)
     return runs
 
 

@@ -43,10 +43,16 @@ def markdown_table(summary: pd.DataFrame) -> str:
     return header + "\n".join(lines) + "\n\nmean ± std over seeds (sample std, ddof=1); test split.\n"
 
 
+def write_table_set(runs: pd.DataFrame, summary: pd.DataFrame, markdown: str, runs_csv: Path, summary_csv: Path,
+                    summary_md: Path) -> None:
+    """The three table files every family writes: per-run CSV, summary CSV, summary markdown."""
+    write_text(runs_csv, runs.to_csv(index=False))
+    write_text(summary_csv, summary.to_csv(index=False))
+    write_text(summary_md, markdown)
+
+
 def write_tables(metric_files: list[str | Path], runs_csv: Path, summary_csv: Path, summary_md: Path) -> pd.DataFrame:
     runs = collect_runs(metric_files)
     summary = summarize(runs)
-    write_text(runs_csv, runs.to_csv(index=False))
-    write_text(summary_csv, summary.to_csv(index=False))
-    write_text(summary_md, markdown_table(summary))
+    write_table_set(runs, summary, markdown_table(summary), runs_csv, summary_csv, summary_md)
     return summary
