@@ -59,3 +59,12 @@ def smoke_run(tmp_path_factory) -> Path:
     work = copy_repo(tmp_path_factory.mktemp("smoke") / "repo")
     snakemake(work, "-c2", "--configfile", "config/smoke.yaml")
     return work
+
+
+def pytest_collection_finish(session):
+    """The incremental method tests read small shared inputs (prepared digits, scenarios,
+    first-task pretrained backbones): build them once before those tests run."""
+    if any(Path(str(item.fspath)).name.startswith("test_incremental_") for item in session.items):
+        from tests.shared_data import ensure_shared
+
+        ensure_shared()

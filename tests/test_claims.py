@@ -42,3 +42,15 @@ def test_supervised_claim_pairs_by_seed():
     assert len(out) == 1
     # pairs (seed0: .9 vs .85, seed1: .8 vs .75) -> both +0.05, zero spread
     assert out.effect.iloc[0] == pytest.approx(0.05)
+
+
+def test_fixed_level_claim_compares_against_the_threshold():
+    from classlab.report.claims import Claim
+
+    runs = pd.DataFrame({"dataset": "d", "backbone": "b", "scenario": "s", "method": "m", "seed": [0, 1, 2],
+                         "forgotten_accuracy": [0.02, 0.04, 0.03]})
+    claim = Claim("incremental", "p", "near chance", "forgotten_accuracy", "m", "", higher_is_better=False,
+                  threshold=0.15)
+    out = evaluate_claims(runs, "incremental", ("dataset", "backbone", "scenario"), [claim])
+    assert out.effect.iloc[0] == pytest.approx(0.12) and out.verdict.iloc[0] == "holds"
+    assert out.baseline.iloc[0] == "fixed level 0.15"

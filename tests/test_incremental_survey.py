@@ -24,7 +24,7 @@ from classlab.models.backbones import Classifier
 from classlab.protocols.incremental import TaskContext
 from classlab.protocols.memory import ExemplarMemory
 
-SHARED = Path("/tmp/shared")
+from tests.shared_data import SHARED  # noqa: E402  (built by conftest before the tests run)
 DATA = SHARED / "prepared" / "digits"
 B0INC2 = SHARED / "scenarios" / "digits_b0inc2.json"
 CONVNET = {"widths": [16, 32], "pool_after": [0]}
@@ -259,8 +259,7 @@ def test_der_loss_is_ce_plus_weighted_aux_ce():
 
 
 # --- end to end on digits B0Inc2 ---------------------------------------------------------------
-needs_shared = pytest.mark.skipif(not (DATA.is_dir() and B0INC2.exists()),
-                                  reason="shared digits data /tmp/shared is not prepared")
+needs_shared = pytest.mark.incremental_e2e  # shared inputs are built by conftest; never skipped
 
 
 def _run(method, root: Path, overrides=None):

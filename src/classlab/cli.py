@@ -100,6 +100,15 @@ def _train_incremental(a):
                     progress=not a.no_progress)
 
 
+def _train_forgetting(a):
+    from classlab.protocols.forgetting import run_continual_forgetting
+
+    run_continual_forgetting(a.method, Path(a.data), a.backbone, a.seed, Path(a.ckpt_dir), Path(a.eval_dir),
+                             init=Path(a.init), overrides=json.loads(a.overrides),
+                             forget_tasks=json.loads(a.forget_tasks), backbone_kwargs=json.loads(a.backbone_kwargs),
+                             threads=a.threads, device=a.device, progress=not a.no_progress)
+
+
 def _evaluate_incremental(a):
     import numpy as np
 
@@ -235,6 +244,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_train_incremental)
+
+    p = sub.add_parser("train-forgetting", help="continual forgetting: forget class sets in turn from an all-class model")
+    p.add_argument("--method", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--backbone-kwargs", default="{}")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--init", required=True, help="model.pt trained on all classes")
+    p.add_argument("--forget-tasks", required=True, help='JSON list of class-id lists, e.g. "[[3,7],[1,5]]"')
+    p.add_argument("--ckpt-dir", required=True)
+    p.add_argument("--eval-dir", required=True)
+    p.add_argument("--overrides", default="{}")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_train_forgetting)
 
     p = sub.add_parser("evaluate-incremental", help="metrics.json from per-task predictions")
     p.add_argument("--predictions", required=True)

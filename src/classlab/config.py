@@ -76,11 +76,14 @@ def validate_config(config: dict) -> dict:
     config.setdefault("pretrained_weights", False)
     config.setdefault("mirrors", {})
     config["pretrain"].setdefault("overrides", {})
+    config["pretrain"].setdefault("backbone_overrides", {})
     from classlab.methods.registry import list_methods
 
     problems = []
     try:
         resolve_hparams("pretrain", config["pretrain"]["method"], config["pretrain"]["overrides"])
+        for backbone, overrides in config["pretrain"]["backbone_overrides"].items():
+            resolve_hparams("pretrain", config["pretrain"]["method"], overrides)
     except ConfigError as exc:
         problems.append(f"config key pretrain.overrides: {exc}")
     if "incremental" in config["families"]:
@@ -119,7 +122,7 @@ def _validate_incremental(config: dict) -> list[str]:
     import numpy as np
 
     from classlab.data.registry import get_dataset
-    from classlab.data.scenarios import ScenarioError, build_scenario
+    from classlab.data.scenarios import ScenarioError, build_scenario, validate_forget_tasks
 
     problems = []
     spec = config["families"]["incremental"]
@@ -140,7 +143,16 @@ def _validate_incremental(config: dict) -> list[str]:
                 build_scenario(kind, dataset, labels, k, 0, **params)
             except ScenarioError as exc:
                 problems.append(f"config key families.incremental.scenarios.{name} on {dataset}: {exc}")
+
+    spec.setdefault("forgetting", {})
     methods: list[str] = []
+    for name, forgetting in spec["forgetting"].items():
+        for dataset in config["datasets"]:
+            try:
+                validate_forget_tasks(forgetting["forget_tasks"], get_dataset(dataset).num_classes)
+            except ScenarioError as exc:
+                problems.append(f"config key families.incremental.forgetting.{name} on {dataset}: {exc}")
+        methods += [m for m in forgetting["methods"] if m not in methods]
     for name, run_methods in spec["runs"].items():
         if name not in spec["scenarios"]:
             problems.append(f"config key families.incremental.runs.{name}: no such scenario; "

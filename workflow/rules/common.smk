@@ -47,7 +47,9 @@ def backbone_kwargs_json(wildcards):
 
 
 def pretrain_overrides_json(wildcards):
-    return json.dumps(config["pretrain"]["overrides"], sort_keys=True)
+    overrides = dict(config["pretrain"]["overrides"])
+    overrides.update(config["pretrain"]["backbone_overrides"].get(wildcards.backbone, {}))
+    return json.dumps(overrides, sort_keys=True)
 
 
 def mirror_option(wildcards):
@@ -125,6 +127,7 @@ def supervised_figure_inputs(wildcards):
 INCREMENTAL = FAMILIES.get("incremental", {})
 INCREMENTAL_SCENARIOS = INCREMENTAL.get("scenarios", {})
 INCREMENTAL_RUNS = INCREMENTAL.get("runs", {})
+FORGETTING = INCREMENTAL.get("forgetting", {})
 
 
 def scenario_params_json(wildcards):
@@ -160,6 +163,25 @@ def incremental_backbones(method):
     its hyperparameters (`backbone: vit_tiny`); the others run on the config's backbones."""
     named = resolve_hparams("incremental", method, INCREMENTAL.get("overrides", {}).get(method)).get("backbone")
     return [named] if named else BACKBONES
+
+
+def forget_tasks_json(wildcards):
+    return json.dumps(FORGETTING[wildcards.forgetting]["forget_tasks"])
+
+
+def forgetting_metrics():
+    out = []
+    for name, spec in FORGETTING.items():
+        for method in spec["methods"]:
+            out += expand(
+                "results/eval/forgetting/{dataset}/{backbone}/{forgetting}/{method}/seed{seed}/metrics.json",
+                dataset=DATASETS,
+                backbone=incremental_backbones(method),
+                forgetting=[name],
+                method=[method],
+                seed=SEEDS,
+            )
+    return out
 
 
 def incremental_metrics(dataset=None, backbone=None, scenario=None):

@@ -5,6 +5,7 @@
 wildcard_constraints:
     scenario=_alternatives(list(INCREMENTAL_SCENARIOS) or ["none"]),
     inc_method=_alternatives(family_methods("incremental") or ["none"]),
+    forgetting=_alternatives(list(FORGETTING) or ["none"]),
 
 
 rule build_scenario:
@@ -79,6 +80,38 @@ rule train_incremental:
         "> {log} 2>&1"
 
 
+rule train_forgetting:
+    input:
+        # the shared pretrained model of ALL classes: forgetting starts from it
+        init=pretrained_backbone,
+        manifest=ancient("data/prepared/{dataset}/manifest.json"),
+        hparams="config/methods/incremental/{inc_method}.yaml",
+    output:
+        model="results/checkpoints/forgetting/{dataset}/{backbone}/{forgetting}/{inc_method}/seed{seed}/model.pt",
+        history="results/checkpoints/forgetting/{dataset}/{backbone}/{forgetting}/{inc_method}/seed{seed}/history.json",
+        predictions="results/eval/forgetting/{dataset}/{backbone}/{forgetting}/{inc_method}/seed{seed}/predictions.npz",
+        metrics="results/eval/forgetting/{dataset}/{backbone}/{forgetting}/{inc_method}/seed{seed}/metrics.json",
+    params:
+        overrides=incremental_overrides,
+        backbone_kwargs=backbone_kwargs_json,
+        forget_tasks=forget_tasks_json,
+    log:
+        "logs/train_forgetting/{dataset}/{backbone}/{forgetting}/{inc_method}/seed{seed}.log",
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=240,
+    conda:
+        ENV
+    shell:
+        "classlab train-forgetting --method {wildcards.inc_method} --data data/prepared/{wildcards.dataset} "
+        "--backbone {wildcards.backbone} --backbone-kwargs '{params.backbone_kwargs}' --seed {wildcards.seed} "
+        "--init {input.init} --forget-tasks '{params.forget_tasks}' --overrides '{params.overrides}' --threads {threads} "
+        "--ckpt-dir results/checkpoints/forgetting/{wildcards.dataset}/{wildcards.backbone}/{wildcards.forgetting}/{wildcards.inc_method}/seed{wildcards.seed} "
+        "--eval-dir results/eval/forgetting/{wildcards.dataset}/{wildcards.backbone}/{wildcards.forgetting}/{wildcards.inc_method}/seed{wildcards.seed} "
+        "> {log} 2>&1"
+
+
 rule evaluate_incremental:
     input:
         predictions=ancient(
@@ -101,7 +134,7 @@ rule evaluate_incremental:
 
 rule aggregate_incremental:
     input:
-        incremental_metrics(),
+        incremental_metrics() + forgetting_metrics(),
     output:
         runs="results/tables/incremental/runs.csv",
         summary="results/tables/incremental/summary.csv",

@@ -188,6 +188,26 @@ def si_blurry(dataset: str, train_labels: np.ndarray, num_classes: int, *, num_t
                                     tasks)
 
 
+def validate_forget_tasks(forget_tasks, num_classes: int) -> list[list[int]]:
+    """Each task a non-empty list of class ids in range; no class twice; some class retained."""
+    if not isinstance(forget_tasks, (list, tuple)) or not forget_tasks:
+        raise ScenarioError("forget_tasks: give a non-empty list of tasks, each a list of class ids")
+    out, seen = [], set()
+    for t, task in enumerate(forget_tasks):
+        if not isinstance(task, (list, tuple)) or not task:
+            raise ScenarioError(f"forget_tasks[{t}]: a non-empty list of class ids, got {task!r}")
+        for c in task:
+            if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= int(c) < num_classes:
+                raise ScenarioError(f"forget_tasks[{t}]: {c!r} is not a class id in [0, {num_classes})")
+            if int(c) in seen:
+                raise ScenarioError(f"forget_tasks[{t}]: class {int(c)} is forgotten twice")
+            seen.add(int(c))
+        out.append([int(c) for c in task])
+    if len(seen) >= num_classes:
+        raise ScenarioError(f"forget_tasks: all {num_classes} classes are forgotten; keep at least one")
+    return out
+
+
 BUILDERS = {"class_incremental": class_incremental, "few_shot": few_shot, "si_blurry": si_blurry}
 
 

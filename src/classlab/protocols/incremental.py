@@ -53,6 +53,8 @@ class TaskContext:
     embed: Callable[[torch.Tensor], torch.Tensor]   # train indices -> features (eval mode, no aug)
     logits: Callable[[torch.Tensor], torch.Tensor]  # train indices -> logits (eval mode, no aug)
     device: torch.device
+    mean: list[float] | None = None  # the loader's per-channel normalisation (images / 255)
+    std: list[float] | None = None
 
 
 class IncrementalLearner(Method):
@@ -60,6 +62,7 @@ class IncrementalLearner(Method):
 
     uses_memory = False
     scenario_kinds = ("class_incremental", "few_shot", "si_blurry")
+    scenario_kind: str | None = None  # set by the protocol before the first task
 
     def __init__(self, model, hparams, num_classes):
         super().__init__(model, hparams, num_classes)
@@ -153,6 +156,7 @@ def run_incremental(method: str, data_dir: Path, scenario_path: Path, backbone: 
         source, init_meta = load_model(init)
         model.backbone.load_state_dict(source.backbone.state_dict())
     learner = learner_cls(model, hparams, scenario.num_classes).to(dev)
+    learner.scenario_kind = scenario.kind  # some methods behave differently per protocol (base sessions)
     memory = ExemplarMemory(int(hparams.get("memory_size", 0)), hparams.get("memory_strategy", "herding"), seed) \
         if learner_cls.uses_memory else None
 
@@ -210,7 +214,7 @@ def run_incremental(method: str, data_dir: Path, scenario_path: Path, backbone: 
             trainer.fit(loader)
         context = TaskContext(t, task.classes, task.test_classes, data.train.x, data.train.y, task_idx, memory,
                               lambda idx: features_of(idx, learner.features),
-                              lambda idx: features_of(idx, learner.predict), dev)
+                              lambda idx: features_of(idx, learner.predict), dev, mean, std)
         if memory is not None:  # before end_task, so that it sees this task's exemplars
             new = {c: task_idx[data.train.y[task_idx] == c] for c in task.classes}
             memory.update(new, context.embed)

@@ -18,7 +18,8 @@ from classlab.report.tables import write_table_set  # noqa: E402
 SCALARS = ("last_accuracy", "average_incremental_accuracy", "forgetting", "forgetting_initial",
            "backward_transfer", "last_accuracy_class_balanced", "average_incremental_accuracy_class_balanced",
            "forgetting_class_balanced", "base_accuracy", "novel_accuracy", "harmonic_mean", "performance_drop",
-           "anytime_auc", "forgotten_accuracy", "retained_accuracy", "mean_average_precision")
+           "anytime_auc", "forgotten_accuracy", "retained_accuracy", "retained_drop", "original_retained_accuracy",
+           "original_forgotten_accuracy", "h_mean", "mean_average_precision", "average_incremental_map")
 KEYS = ["dataset", "backbone", "scenario", "method"]
 TEXT = ("init_kind",)
 
