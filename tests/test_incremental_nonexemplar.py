@@ -17,7 +17,7 @@ from classlab.methods.incremental.prd import (PRD, prototype_loss, relation_dist
 from classlab.methods.registry import get_method
 from classlab.models import build_classifier
 
-SHARED = Path("/tmp/shared")
+from tests.shared_data import SHARED  # noqa: E402  (built by conftest before the tests run)
 
 
 def _model(k=4, widths=(8, 8)):
