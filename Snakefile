@@ -33,6 +33,7 @@ localrules:
     plot_supervised,
     build_scenario,
     evaluate_incremental,
+    evaluate_multilabel,
     aggregate_incremental,
     plot_incremental,
 

@@ -79,6 +79,6 @@ def test_full_incremental_grid_resolves():
 
     proc = snakemake(ROOT, "-n", "--configfile", "config/incremental.yaml")
     out = proc.stdout + proc.stderr
-    for rule in ("build_scenario", "pretrain_first_task", "train_incremental", "train_forgetting",
+    for rule in ("build_scenario", "pretrain_first_task", "train_incremental", "train_forgetting", "train_multilabel",
                  "evaluate_incremental", "aggregate_incremental", "plot_incremental"):
         assert f"rule {rule}:" in out or f"localrule {rule}:" in out, rule

@@ -109,6 +109,21 @@ def _train_forgetting(a):
                              threads=a.threads, device=a.device, progress=not a.no_progress)
 
 
+def _train_multilabel(a):
+    from classlab.protocols.multilabel import run_multilabel
+
+    run_multilabel(a.method, Path(a.data), Path(a.scenario), json.loads(a.scenes), a.backbone, a.seed,
+                   Path(a.ckpt_dir), Path(a.eval_dir), overrides=json.loads(a.overrides),
+                   init=Path(a.init) if a.init else None, backbone_kwargs=json.loads(a.backbone_kwargs),
+                   threads=a.threads, device=a.device, progress=not a.no_progress)
+
+
+def _evaluate_multilabel(a):
+    from classlab.protocols.multilabel import evaluate_multilabel
+
+    evaluate_multilabel(Path(a.predictions), Path(a.history), Path(a.out))
+
+
 def _evaluate_incremental(a):
     import numpy as np
 
@@ -260,6 +275,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_train_forgetting)
+
+    p = sub.add_parser("train-multilabel", help="a multi-label incremental method on scenes of a dataset")
+    p.add_argument("--method", required=True)
+    p.add_argument("--data", required=True, help="prepared single-label dataset (scene source)")
+    p.add_argument("--scenario", required=True, help="class_incremental scenario JSON: class order and tasks")
+    p.add_argument("--scenes", default="{}", help="JSON scene recipe: seed, k_min, k_max, grid, n_train, n_test")
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--backbone-kwargs", default="{}")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--ckpt-dir", required=True)
+    p.add_argument("--eval-dir", required=True)
+    p.add_argument("--overrides", default="{}")
+    p.add_argument("--init", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_train_multilabel)
+
+    p = sub.add_parser("evaluate-multilabel", help="mAP metrics.json from per-task multi-label predictions")
+    p.add_argument("--predictions", required=True)
+    p.add_argument("--history", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_evaluate_multilabel)
 
     p = sub.add_parser("evaluate-incremental", help="metrics.json from per-task predictions")
     p.add_argument("--predictions", required=True)

@@ -153,7 +153,9 @@ def _validate_incremental(config: dict) -> list[str]:
             except ScenarioError as exc:
                 problems.append(f"config key families.incremental.forgetting.{name} on {dataset}: {exc}")
         methods += [m for m in forgetting["methods"] if m not in methods]
-    for name, run_methods in spec["runs"].items():
+    spec.setdefault("multilabel_runs", {})
+    spec.setdefault("scenes", {})
+    for name, run_methods in list(spec["runs"].items()) + list(spec["multilabel_runs"].items()):
         if name not in spec["scenarios"]:
             problems.append(f"config key families.incremental.runs.{name}: no such scenario; "
                             f"allowed values: {sorted(spec['scenarios'])}")

@@ -128,6 +128,26 @@ INCREMENTAL = FAMILIES.get("incremental", {})
 INCREMENTAL_SCENARIOS = INCREMENTAL.get("scenarios", {})
 INCREMENTAL_RUNS = INCREMENTAL.get("runs", {})
 FORGETTING = INCREMENTAL.get("forgetting", {})
+MULTILABEL_RUNS = INCREMENTAL.get("multilabel_runs", {})
+
+
+def scenes_json(wildcards):
+    return json.dumps(INCREMENTAL.get("scenes", {}), sort_keys=True)
+
+
+def multilabel_metrics():
+    out = []
+    for scen, methods in MULTILABEL_RUNS.items():
+        for method in methods:
+            out += expand(
+                "results/eval/multilabel/{dataset}/{backbone}/{scenario}/{method}/seed{seed}/metrics.json",
+                dataset=DATASETS,
+                backbone=incremental_backbones(method),
+                scenario=[scen],
+                method=[method],
+                seed=SEEDS,
+            )
+    return out
 
 
 def scenario_params_json(wildcards):

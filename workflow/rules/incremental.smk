@@ -112,6 +112,55 @@ rule train_forgetting:
         "> {log} 2>&1"
 
 
+rule train_multilabel:
+    input:
+        unpack(incremental_init_inputs),
+    output:
+        model="results/checkpoints/multilabel/{dataset}/{backbone}/{scenario}/{inc_method}/seed{seed}/model.pt",
+        history="results/checkpoints/multilabel/{dataset}/{backbone}/{scenario}/{inc_method}/seed{seed}/history.json",
+        predictions="results/eval/multilabel/{dataset}/{backbone}/{scenario}/{inc_method}/seed{seed}/predictions.npz",
+    params:
+        overrides=incremental_overrides,
+        backbone_kwargs=backbone_kwargs_json,
+        init=incremental_init_option,
+        scenes=scenes_json,
+    log:
+        "logs/train_multilabel/{dataset}/{backbone}/{scenario}/{inc_method}/seed{seed}.log",
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=240,
+    conda:
+        ENV
+    shell:
+        "classlab train-multilabel --method {wildcards.inc_method} --data data/prepared/{wildcards.dataset} "
+        "--scenario {input.scenario} --scenes '{params.scenes}' --backbone {wildcards.backbone} "
+        "--backbone-kwargs '{params.backbone_kwargs}' --seed {wildcards.seed} --overrides '{params.overrides}' "
+        "{params.init} --threads {threads} "
+        "--ckpt-dir results/checkpoints/multilabel/{wildcards.dataset}/{wildcards.backbone}/{wildcards.scenario}/{wildcards.inc_method}/seed{wildcards.seed} "
+        "--eval-dir results/eval/multilabel/{wildcards.dataset}/{wildcards.backbone}/{wildcards.scenario}/{wildcards.inc_method}/seed{wildcards.seed} "
+        "> {log} 2>&1"
+
+
+rule evaluate_multilabel:
+    input:
+        predictions=ancient(
+            "results/eval/multilabel/{dataset}/{backbone}/{scenario}/{inc_method}/seed{seed}/predictions.npz"
+        ),
+        history=ancient(
+            "results/checkpoints/multilabel/{dataset}/{backbone}/{scenario}/{inc_method}/seed{seed}/history.json"
+        ),
+    output:
+        "results/eval/multilabel/{dataset}/{backbone}/{scenario}/{inc_method}/seed{seed}/metrics.json",
+    log:
+        "logs/evaluate_multilabel/{dataset}/{backbone}/{scenario}/{inc_method}/seed{seed}.log",
+    conda:
+        ENV
+    shell:
+        "classlab evaluate-multilabel --predictions {input.predictions} --history {input.history} "
+        "--out {output} > {log} 2>&1"
+
+
 rule evaluate_incremental:
     input:
         predictions=ancient(
@@ -134,7 +183,7 @@ rule evaluate_incremental:
 
 rule aggregate_incremental:
     input:
-        incremental_metrics() + forgetting_metrics(),
+        incremental_metrics() + forgetting_metrics() + multilabel_metrics(),
     output:
         runs="results/tables/incremental/runs.csv",
         summary="results/tables/incremental/summary.csv",

@@ -28,6 +28,8 @@ def collect(metric_files: list[str | Path]) -> pd.DataFrame:
     rows = []
     for path in metric_files:
         m = read_json(path)
+        if "final_map" in m:  # multi-label runs report mAP (protocols/multilabel.py)
+            m["mean_average_precision"] = m["final_map"]
         rows.append({**{k: m[k] for k in KEYS}, "seed": int(m["seed"]), "init_kind": m.get("init_kind", "scratch"),
                      **{k: float(m[k]) for k in SCALARS if m.get(k) is not None}})
     if not rows:
