@@ -187,8 +187,9 @@ rule aggregate_incremental:
     output:
         runs="results/tables/incremental/runs.csv",
         summary="results/tables/incremental/summary.csv",
-        md=report(
-            "results/tables/incremental/summary.md",
+        md="results/tables/incremental/summary.md",
+        table=report(
+            "results/tables/incremental/summary_table.csv",
             caption="../report/incremental_summary.rst",
             category="incremental",
             subcategory="tables",

@@ -64,8 +64,9 @@ rule aggregate_supervised:
             subcategory="tables",
         ),
         summary="results/tables/supervised/summary.csv",
-        md=report(
-            "results/tables/supervised/summary.md",
+        md="results/tables/supervised/summary.md",
+        table=report(
+            "results/tables/supervised/summary_table.csv",
             caption="../report/summary.rst",
             category="supervised",
             subcategory="tables",

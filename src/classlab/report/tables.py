@@ -43,12 +43,22 @@ def markdown_table(summary: pd.DataFrame) -> str:
     return header + "\n".join(lines) + "\n\nmean ± std over seeds (sample std, ddof=1); test split.\n"
 
 
+def markdown_to_frame(markdown: str) -> pd.DataFrame:
+    """The first pipe table of ``markdown`` as a frame of strings (cells such as "91.2 ± 0.3")."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in markdown.splitlines() if line.startswith("|") and not set(line) <= set("|-: ")]
+    return pd.DataFrame(rows[1:], columns=rows[0])
+
+
 def write_table_set(runs: pd.DataFrame, summary: pd.DataFrame, markdown: str, runs_csv: Path, summary_csv: Path,
                     summary_md: Path) -> None:
-    """The three table files every family writes: per-run CSV, summary CSV, summary markdown."""
+    """The table files every family writes: per-run CSV, summary CSV (numbers), summary markdown,
+    and ``summary_table.csv`` next to it: the markdown's "mean ± std" cells, which the HTML
+    report renders as its results table."""
     write_text(runs_csv, runs.to_csv(index=False))
     write_text(summary_csv, summary.to_csv(index=False))
     write_text(summary_md, markdown)
+    write_text(Path(summary_md).with_name("summary_table.csv"), markdown_to_frame(markdown).to_csv(index=False))
 
 
 def write_tables(metric_files: list[str | Path], runs_csv: Path, summary_csv: Path, summary_md: Path) -> pd.DataFrame:
