@@ -244,3 +244,26 @@ def test_killed_incremental_run_resumes_to_identical_predictions(tmp_path):
         assert sorted(a.files) == sorted(b.files)
         for key in a.files:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_joint_trains_on_everything_seen_and_finetune_on_the_task_only():
+    from classlab.methods.registry import get_method
+    from classlab.models import build_classifier
+
+    model = build_classifier("convnet", 1, 4, backbone_kwargs={"widths": [4], "pool_after": []})
+    task, seen, memory = torch.arange(10, 20), torch.arange(0, 20), torch.tensor([3, 4])
+    joint = get_method("incremental", "joint")(model, {"lr": 0.1}, 4)
+    finetune = get_method("incremental", "finetune")(model, {"lr": 0.1}, 4)
+    assert torch.equal(joint.training_indices(task, seen, memory), seen)
+    assert torch.equal(finetune.training_indices(task, seen, memory), task)  # no memory for finetune
+
+
+def test_learner_masks_classes_not_seen_yet():
+    from classlab.methods.registry import get_method
+    from classlab.models import build_classifier
+
+    learner = get_method("incremental", "finetune")(build_classifier("convnet", 1, 4, backbone_kwargs={
+        "widths": [4], "pool_after": []}), {"lr": 0.1}, 4)
+    learner.begin_task(0, [2, 0], [2, 0])
+    out = learner.mask_unseen(torch.zeros(1, 4))
+    assert torch.isinf(out[0, 1]) and torch.isinf(out[0, 3]) and out[0, 0] == 0 and out[0, 2] == 0
