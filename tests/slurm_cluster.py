@@ -128,5 +128,9 @@ class LocalSlurm:
             except (OSError, ValueError):
                 continue
         time.sleep(1)
+        # leave /etc/slurm as found: a config naming a controller that is no longer running makes
+        # every `scontrol` (the SLURM executor plugin calls it when Snakemake starts) wait 10 s
         if self.backup.exists():
             shutil.copy2(self.backup, self.conf)
+        else:
+            self.conf.unlink(missing_ok=True)
