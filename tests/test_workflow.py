@@ -35,7 +35,7 @@ def test_report_html(smoke_run):
     snakemake(smoke_run, "--configfile", "config/smoke.yaml", "--report", "results/report.html")
     html = (smoke_run / "results/report.html").read_text(errors="ignore")
     assert len(html) > 100_000
-    for text in ("claims.csv", "summary.md", "confusion.png", "reliability.png", "learning_curves.png",
+    for text in ("claims.csv", "summary_table.csv", "confusion.png", "reliability.png", "learning_curves.png",
                  "accuracy_by_method.png"):
         assert text in html, text
 
