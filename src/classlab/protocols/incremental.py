@@ -17,6 +17,7 @@ Everything a learner keeps across tasks is a submodule or buffer allocated for a
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -85,6 +86,17 @@ class IncrementalLearner(Method):
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def snapshot_old_model(self) -> None:
+        """Freeze a copy of the model as it is now: the teacher of distillation methods (LwF,
+        iCaRL), a submodule so that task checkpoints carry it."""
+        self.old_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "old_model", None) is not None:
+            self.old_model.eval()  # a teacher's BatchNorm statistics never move
+        return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The representation used for exemplar selection and prototypes."""

@@ -27,7 +27,6 @@ class means. The old model is a frozen submodule created in ``begin_task`` (repl
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -69,15 +68,8 @@ class ICaRL(IncrementalLearner):
 
     def begin_task(self, task_id, new_classes, seen_classes):
         if task_id > 0:  # freeze a copy of the model as it is after task t-1
-            self.old_model = copy.deepcopy(self.model).eval()
-            self.old_model.requires_grad_(False)
+            self.snapshot_old_model()
         super().begin_task(task_id, new_classes, seen_classes)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.old_model is not None:
-            self.old_model.eval()
-        return self
 
     def training_step(self, batch):
         x, y = batch["x"], batch["y"]

@@ -21,7 +21,6 @@ resume, then loaded from the checkpoint); it is kept in eval mode.
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -47,15 +46,8 @@ class LwF(IncrementalLearner):
 
     def begin_task(self, task_id, new_classes, seen_classes):
         if task_id > 0:  # freeze a copy of the model as it is after task t-1
-            self.old_model = copy.deepcopy(self.model).eval()
-            self.old_model.requires_grad_(False)
+            self.snapshot_old_model()
         super().begin_task(task_id, new_classes, seen_classes)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.old_model is not None:
-            self.old_model.eval()  # BatchNorm statistics of the old model never change
-        return self
 
     @property
     def old_mask(self) -> torch.Tensor:
