@@ -77,3 +77,12 @@ def vit_forward(vit: nn.Module, x: torch.Tensor, prefixes: dict | None = None, t
 
 
 # --- virtual outliers (NPOS-style) and the VOR loss ----------------------------------------
+
+
+def frozen_vit(model: nn.Module) -> nn.Module:
+    """The classifier's timm ViT backbone, checked and frozen: prompt methods train only prompts
+    and heads."""
+    vit = model.backbone
+    _check_vit(vit)
+    vit.requires_grad_(False)
+    return vit

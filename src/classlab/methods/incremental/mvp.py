@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from classlab.models.prompts import _check_vit, vit_forward
+from classlab.models.prompts import frozen_vit, vit_forward
 from classlab.methods.registry import register_method
 from classlab.protocols.incremental import IncrementalLearner
 
@@ -86,10 +86,7 @@ class MVP(IncrementalLearner):
 
     def __init__(self, model, hparams, num_classes):
         super().__init__(model, hparams, num_classes)
-        vit = model.backbone
-        _check_vit(vit)
-        for p in vit.parameters():
-            p.requires_grad_(False)
+        vit = frozen_vit(model)
         depth, dim = len(vit.blocks), vit.embed_dim
         self.g_layers = [i for i in hparams.get("g_layers", [0, 1]) if i < depth]
         self.e_layers = [i for i in hparams.get("e_layers", [2, 3, 4]) if i < depth]

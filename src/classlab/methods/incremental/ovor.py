@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from classlab.methods.registry import register_method
-from classlab.models.prompts import _check_vit, prefix_attention, vit_forward  # noqa: F401  (re-exported)
+from classlab.models.prompts import _check_vit, frozen_vit, prefix_attention, vit_forward  # noqa: F401  (re-exported)
 from classlab.protocols.incremental import IncrementalLearner, TaskContext
 
 
@@ -98,10 +98,7 @@ class OVOR(IncrementalLearner):
 
     def __init__(self, model, hparams, num_classes):
         super().__init__(model, hparams, num_classes)
-        vit = model.backbone
-        _check_vit(vit)
-        for p in vit.parameters():
-            p.requires_grad_(False)
+        vit = frozen_vit(model)
         depth, dim = len(vit.blocks), vit.embed_dim
         self.g_layers = [i for i in hparams.get("g_layers", [0, 1]) if i < depth]
         self.e_layers = [i for i in hparams.get("e_layers", [2, 3, 4]) if i < depth]
