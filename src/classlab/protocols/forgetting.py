@@ -32,14 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from classlab.config import resolve_hparams
 from classlab.data.prepare import load_prepared
 from classlab.data.scenarios import ScenarioError, validate_forget_tasks  # noqa: F401  (re-exported)
 from classlab.engine import Trainer, TrainConfig, load_checkpoint, predict_logits, save_checkpoint
 from classlab.engine.device import pick_device, seed_everything, set_threads
 from classlab.io import atomic_path, write_json
-from classlab.methods.registry import get_method
-from classlab.protocols.incremental import TaskContext, _Fn
+from classlab.protocols.incremental import TaskContext, _Fn, resolve_learner
 
 KIND = "continual_forgetting"
 
@@ -106,12 +104,7 @@ def run_continual_forgetting(method: str, data_dir: Path, backbone: str, seed: i
 
     set_threads(threads)
     seed_everything(seed)
-    hparams = resolve_hparams("incremental", method, overrides)
-    learner_cls = get_method("incremental", method)
-    if KIND not in learner_cls.scenario_kinds:
-        raise ScenarioError(f"scenario.kind: {method} runs on {list(learner_cls.scenario_kinds)}, not {KIND!r}")
-    if hparams.get("backbone") and hparams["backbone"] != backbone:
-        raise ScenarioError(f"backbone: {method} pins backbone {hparams['backbone']!r}, got {backbone!r}")
+    hparams, learner_cls = resolve_learner(method, KIND, backbone, overrides)
     if init is None:
         raise ValueError("continual forgetting starts from a model trained on all classes: give init (a model.pt)")
     data = load_prepared(data_dir)

@@ -125,6 +125,18 @@ def _first_task_epochs(hparams: dict, task_id: int) -> dict:
     return hp
 
 
+def resolve_learner(method: str, kind: str, backbone: str, overrides: dict | None):
+    """Hyperparameters and class of ``method`` for a protocol of ``kind`` on ``backbone``; refuses a
+    method that does not run on that protocol or that pins another backbone."""
+    hparams = resolve_hparams("incremental", method, overrides)
+    learner_cls = get_method("incremental", method)
+    if kind not in learner_cls.scenario_kinds:
+        raise ScenarioError(f"scenario.kind: {method} runs on {list(learner_cls.scenario_kinds)}, not {kind!r}")
+    if hparams.get("backbone") and hparams["backbone"] != backbone:
+        raise ScenarioError(f"backbone: {method} pins backbone {hparams['backbone']!r}, got {backbone!r}")
+    return hparams, learner_cls
+
+
 def validate_run(scenario: ClassIncrementalScenario, learner_cls, hparams: dict) -> None:
     """Reject what does not fit before anything is written."""
     if scenario.kind not in learner_cls.scenario_kinds:

@@ -30,17 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from classlab.config import resolve_hparams
 from classlab.data.prepare import load_prepared
 from classlab.data.scenarios import ClassIncrementalScenario, ScenarioError
 from classlab.data.scenes import scenes_from_prepared
 from classlab.engine import Trainer, TrainConfig, load_checkpoint, predict_logits, save_checkpoint
 from classlab.engine.device import pick_device, seed_everything, set_threads
 from classlab.io import atomic_path, read_json, write_json
-from classlab.methods.registry import get_method
 from classlab.metrics.incremental import forgetting
 from classlab.models import build_classifier
-from classlab.protocols.incremental import TaskContext, _Fn, _first_task_epochs
+from classlab.protocols.incremental import TaskContext, _Fn, _first_task_epochs, resolve_learner
 
 KIND = "multilabel"
 F1_THRESHOLD = 0.8  # sigmoid threshold of CF1/OF1, as in the MULTI-LANE and KRT evaluations
@@ -167,12 +165,7 @@ def run_multilabel(method: str, data_dir: Path, scenario_path: Path, scenes: dic
     if scenario.kind != "class_incremental":
         raise ScenarioError(f"scenario.kind: the multi-label protocol takes its class order and tasks from a "
                             f"class_incremental scenario, not {scenario.kind!r}")
-    hparams = resolve_hparams("incremental", method, overrides)
-    learner_cls = get_method("incremental", method)
-    if KIND not in learner_cls.scenario_kinds:
-        raise ScenarioError(f"scenario.kind: {method} runs on {list(learner_cls.scenario_kinds)}, not {KIND!r}")
-    if hparams.get("backbone") and hparams["backbone"] != backbone:
-        raise ScenarioError(f"backbone: {method} pins backbone {hparams['backbone']!r}, got {backbone!r}")
+    hparams, learner_cls = resolve_learner(method, KIND, backbone, overrides)
     data = load_prepared(data_dir)
     train, test, scene_manifest = scenes_from_prepared(data, scenes)
     mean, std = scene_manifest["channel_mean"], scene_manifest["channel_std"]
