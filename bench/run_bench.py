@@ -57,7 +57,11 @@ def config_model(config_name: str):
     backbone = config["backbones"][0]
     torch.manual_seed(0)
     kwargs = config["backbone_kwargs"].get(backbone, {})
-    return build_classifier(backbone, 1, 10, img_size=28, backbone_kwargs=kwargs), f"{backbone} {kwargs} ({config_name})"
+    from classlab.engine.device import place
+
+    # the engine's placement (channels-last convolutions) for both loaders: only the input path differs
+    model = place(build_classifier(backbone, 1, 10, img_size=28, backbone_kwargs=kwargs), torch.device("cpu"))
+    return model, f"{backbone} {kwargs} ({config_name})"
 
 
 def timed_training(model, batches, steps: int, warmup: int = 5) -> dict:

@@ -277,3 +277,57 @@ def test_prd_end_to_end_b0inc2_distils_and_beats_chance(b0inc2, tmp_path):
     assert torch.equal(state["old_prototypes"], state["prototypes"])   # recorded at the end of the last task
     assert acc[0] > 0.7          # 2 classes: chance 0.5
     assert acc[1] > 0.3          # 4 classes: chance 0.25
+
+
+# --- PASS prototype augmentation (NAPA-VQ's baseline) ---------------------------------------
+
+def test_pass_radius_is_root_mean_trace_over_dimension_hand_computed():
+    from classlab.methods.incremental.pass_protoaug import class_radius
+
+    feats = torch.tensor([[0.0, 0.0], [2.0, 0.0], [10.0, 10.0], [10.0, 14.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    # class 0: variances (2, 0), tr/D = 1; class 1: variances (0, 8), tr/D = 4; r = sqrt(2.5)
+    assert class_radius(feats, labels) == pytest.approx(math.sqrt(2.5))
+
+
+def test_pass_augmented_prototypes_are_old_classes_with_gaussian_spread():
+    from classlab.methods.incremental.pass_protoaug import PASSProtoAug
+
+    learner = PASSProtoAug(_model(4), {"temperature": 0.1}, 4)
+    dim = learner.prototypes.shape[1]
+    learner.begin_task(0, [0, 1], [0, 1])
+    learner.prototypes[:2] = torch.stack([torch.full((dim,), 5.0), torch.full((dim,), -5.0)])
+    learner.radius.fill_(0.5)
+    learner.begin_task(1, [2, 3], [0, 1, 2, 3])
+    torch.manual_seed(0)
+    p_aug, c = learner.augmented_prototypes(4000)
+    assert set(c.tolist()) == {0, 1}                           # old classes only
+    noise = p_aug - learner.prototypes[c]
+    assert noise.mean().abs() < 0.02 and noise.std() == pytest.approx(0.5, rel=0.03)
+
+
+def test_pass_step_adds_distillation_and_proto_aug_only_after_the_first_task():
+    from classlab.methods.incremental.pass_protoaug import PASSProtoAug
+
+    torch.manual_seed(0)
+    learner = PASSProtoAug(_model(4), {"temperature": 0.1, "kd_weight": 10.0, "proto_aug_weight": 10.0}, 4)
+    x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 0, 1, 0, 1])
+    learner.begin_task(0, [0, 1], [0, 1])
+    loss0, logs0 = learner.training_step({"x": x, "y": y})
+    assert "kd" not in logs0
+    logits = learner.model(x).masked_fill(~learner.seen_mask, float("-inf"))
+    assert float(loss0) == pytest.approx(float(F.cross_entropy(logits / 0.1, y)), rel=1e-5)
+    learner.prototypes[:2] = torch.randn(2, learner.prototypes.shape[1])
+    learner.begin_task(1, [2, 3], [0, 1, 2, 3])
+    learner.eval()  # student and teacher both on running BatchNorm statistics
+    _, logs1 = learner.training_step({"x": x, "y": torch.tensor([2, 3, 2, 3, 2, 3])})
+    assert float(logs1["kd"]) == pytest.approx(0.0, abs=1e-6)  # the teacher is the model as it is now
+    assert float(logs1["proto_aug"]) > 0
+
+
+def test_pass_end_to_end_b0inc2_sets_a_radius_and_beats_chance(b0inc2, tmp_path):
+    out, acc, state = _run("pass_protoaug", *b0inc2, tmp_path, {"epochs": 3, "batch_size": 32, "lr": 0.01})
+    assert len(out["history"]) == 5 and all(h["memory"] == 0 for h in out["history"])
+    assert float(state["radius"]) > 0
+    assert acc[0] > 0.6          # 2 classes: chance 0.5
+    assert acc[-1] > 0.15        # 10 classes: chance 0.1

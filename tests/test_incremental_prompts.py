@@ -153,6 +153,26 @@ def test_ovor_vor_phase_raises_id_logits_and_lowers_outlier_logits():
     assert (e_ood1 - e_id1) > (e_ood0 - e_id0) + 1.0           # outliers separated from ID by energy
 
 
+def test_oneprompt_is_ovor_without_the_outlier_step_and_shares_its_defaults():
+    from classlab.config import resolve_hparams
+    from classlab.methods.incremental.oneprompt import OnePrompt
+    from classlab.protocols.incremental import TaskContext
+
+    ovor_hp, one_hp = resolve_hparams("incremental", "ovor", {}), resolve_hparams("incremental", "oneprompt", {})
+    assert one_hp["vor_epochs"] == 0 and ovor_hp["vor_epochs"] > 0
+    assert {k: v for k, v in one_hp.items() if k != "vor_epochs"} == \
+        {k: v for k, v in ovor_hp.items() if k != "vor_epochs"}
+    model = tiny_vit(depth=1)
+    learner = OnePrompt(model, {**ovor_hp, "vor_epochs": 5}, 6)  # skips VOR even if epochs are asked for
+    learner.begin_task(0, [0, 1], [0, 1])
+    before = {k: v.clone() for k, v in model.head.state_dict().items()}
+    x, y = torch.randn(20, 1, 8, 8), torch.arange(20) % 2
+    context = TaskContext(0, [0, 1], [0, 1], x, y, torch.arange(20), None, lambda idx: learner.features(x[idx]),
+                          lambda idx: learner.predict(x[idx]), torch.device("cpu"))
+    learner.end_task(0, context)
+    assert all(torch.equal(before[k], v) for k, v in model.head.state_dict().items())
+
+
 # --- MVP --------------------------------------------------------------------------------------
 def test_mvp_instance_wise_mask_gives_absent_classes_minus_inf():
     raw = torch.tensor([[1.0, -2.0, 3.0, 0.5], [0.0, 1.0, 2.0, 3.0]])

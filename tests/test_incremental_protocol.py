@@ -67,6 +67,27 @@ def test_scenario_json_round_trip(tmp_path):
     assert ClassIncrementalScenario.load(tmp_path / "s.json").to_json() == s.to_json()
 
 
+def test_test_subset_is_seeded_per_class_and_masks_evaluation():
+    test_labels = np.repeat(np.arange(10), 30)
+    s = build_scenario("class_incremental", "toy", LABELS, 10, seed=4, initial=0, increment=2,
+                       test_labels=test_labels, test_samples_per_class=7)
+    again = build_scenario("class_incremental", "toy", LABELS, 10, seed=4, initial=0, increment=2,
+                           test_labels=test_labels, test_samples_per_class=7)
+    assert s.test_indices == again.test_indices and s.params["test_samples_per_class"] == 7
+    assert np.bincount(test_labels[s.test_indices], minlength=10).tolist() == [7] * 10
+    mask = s.test_mask(torch.from_numpy(test_labels), s.tasks[0].test_classes)
+    # only the subset's samples of the first task's classes are evaluated
+    assert int(mask.sum()) == 14
+    assert set(test_labels[mask.numpy()]) == set(s.tasks[0].classes)
+    assert set(np.flatnonzero(mask.numpy())) <= set(s.test_indices)
+    whole = build_scenario("class_incremental", "toy", LABELS, 10, seed=4, initial=0, increment=2)
+    assert whole.test_indices is None
+    assert int(whole.test_mask(torch.from_numpy(test_labels), whole.tasks[0].test_classes).sum()) == 60
+    with pytest.raises(ScenarioError, match="scenario.test_samples_per_class"):
+        build_scenario("class_incremental", "toy", LABELS, 10, seed=0, initial=0, increment=2,
+                       test_labels=test_labels, test_samples_per_class=0)
+
+
 @pytest.mark.parametrize("kind,params,field", [
     ("class_incremental", {"initial": 0, "increment": 3}, "increment"),      # 10 classes don't split into 3s
     ("class_incremental", {"initial": 12, "increment": 2}, "initial"),       # more classes than exist

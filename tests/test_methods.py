@@ -63,3 +63,39 @@ def test_backbones_give_features_on_small_images(backbone, size):
     out = model(torch.randn(2, 1, size, size))
     assert out.shape == (2, 10)
     assert model.features(torch.randn(2, 1, size, size)).shape == (2, model.num_features)
+
+
+def test_head_init_keeps_the_pretraining_head_only_for_the_same_label_space():
+    from classlab.train import _init_head
+
+    def model(seed):
+        torch.manual_seed(seed)
+        return build_classifier("convnet", 1, 10, img_size=8, backbone_kwargs={"widths": [4], "pool_after": [0]})
+
+    source, meta = model(0), {"dataset": "digits", "num_classes": 10}
+    same = {"dataset": "digits", "num_classes": 10, "hparams": "{}"}
+    target = model(1)
+    assert _init_head(target, source, same, meta, "auto") == "pretrained"
+    assert torch.equal(target.head.weight, source.head.weight)
+    for source_meta, how in ((same, "fresh"),
+                             ({**same, "hparams": '{"classes": [0, 1, 2]}'}, "auto"),  # first-task pretraining
+                             ({**same, "dataset": "mnist"}, "auto")):
+        target = model(1)
+        fresh = target.head.weight.clone()
+        assert _init_head(target, source, source_meta, meta, how) == "fresh"
+        assert torch.equal(target.head.weight, fresh)
+    with pytest.raises(ValueError, match="head_init"):
+        _init_head(model(1), source, same, meta, "keep")
+
+
+def test_a_method_yaml_can_extend_another_and_change_only_what_differs(tmp_path, monkeypatch):
+    import classlab.config as config
+
+    (tmp_path / "fam").mkdir()
+    (tmp_path / "fam" / "base.yaml").write_text("hparams: {lr: 0.1, epochs: 3}\n")
+    (tmp_path / "fam" / "variant.yaml").write_text("extends: base\nhparams: {epochs: 5, extra: 1}\n")
+    (tmp_path / "fam" / "loop.yaml").write_text("extends: loop\nhparams: {}\n")
+    monkeypatch.setattr(config, "method_config_path", lambda family, method: tmp_path / family / f"{method}.yaml")
+    assert config.method_defaults("fam", "variant") == {"lr": 0.1, "epochs": 5, "extra": 1}
+    with pytest.raises(config.ConfigError, match="extends names the method itself"):
+        config.method_defaults("fam", "loop")

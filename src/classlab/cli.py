@@ -87,7 +87,8 @@ def _build_scenario(a):
     params = json.loads(a.params)
     kind = params.pop("kind")
     params.pop("init", None)
-    scenario = build_scenario(kind, data.manifest["dataset"], data.train.y.numpy(), data.num_classes, a.seed, **params)
+    scenario = build_scenario(kind, data.manifest["dataset"], data.train.y.numpy(), data.num_classes, a.seed,
+                              test_labels=data.test.y.numpy(), **params)
     scenario.save(Path(a.out))
 
 

@@ -51,7 +51,15 @@ def method_defaults(family: str, method: str) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"no hyperparameter file {path} for method {family}/{method}")
     doc = yaml.safe_load(path.read_text()) or {}
-    return dict(doc.get("hparams", {}))
+    hparams = {}
+    if doc.get("extends"):
+        # an ablation or variant: another method's defaults of the same family, then its changes
+        base = str(doc["extends"])
+        if base == method:
+            raise ConfigError(f"{path}: extends names the method itself")
+        hparams = method_defaults(family, base)
+    hparams.update(doc.get("hparams") or {})
+    return hparams
 
 
 def resolve_hparams(family: str, method: str, overrides: dict | None) -> dict[str, Any]:
@@ -110,9 +118,10 @@ def validate_config(config: dict) -> dict:
 
 
 SCENARIO_PARAMS = {
-    "class_incremental": {"initial", "increment", "samples_per_class"},
-    "few_shot": {"base_classes", "ways", "shots"},
-    "si_blurry": {"num_tasks", "disjoint_class_ratio", "blurry_sample_ratio", "samples_per_class"},
+    "class_incremental": {"initial", "increment", "samples_per_class", "test_samples_per_class"},
+    "few_shot": {"base_classes", "ways", "shots", "test_samples_per_class"},
+    "si_blurry": {"num_tasks", "disjoint_class_ratio", "blurry_sample_ratio", "samples_per_class",
+                  "test_samples_per_class"},
 }
 
 
@@ -140,7 +149,7 @@ def _validate_incremental(config: dict) -> list[str]:
             # structural dry run on synthetic labels (shots are checked on the real data at build time)
             labels = np.repeat(np.arange(k), max(int(params.get("shots", 1)), 2))
             try:
-                build_scenario(kind, dataset, labels, k, 0, **params)
+                build_scenario(kind, dataset, labels, k, 0, test_labels=labels, **params)
             except ScenarioError as exc:
                 problems.append(f"config key families.incremental.scenarios.{name} on {dataset}: {exc}")
 

@@ -61,7 +61,8 @@ def train(family: str, method: str, data_dir: Path, backbone: str, seed: int, ou
         source, source_meta = load_model(init)
         if source_meta["backbone"] != backbone:
             raise ValueError(f"init checkpoint {init} holds a {source_meta['backbone']} backbone, not {backbone}")
-        model.backbone.load_state_dict(source.backbone.state_dict())  # fresh head: classes may differ
+        model.backbone.load_state_dict(source.backbone.state_dict())
+        meta["head_init"] = _init_head(model, source, source_meta, meta, hparams.get("head_init", "fresh"))
     method_obj = get_method(family, method)(model, hparams, data.num_classes)
     trainer = Trainer(method_obj, TrainConfig.from_hparams(hparams), dev, seed, out_dir / "last.pt", progress)
     indices = None
@@ -75,6 +76,21 @@ def train(family: str, method: str, data_dir: Path, backbone: str, seed: int, ou
     write_json(out_dir / "history.json", {"meta": meta, "epochs": history})
     (out_dir / "last.pt").unlink(missing_ok=True)  # the final model supersedes the resume point
     return {"history": history, "meta": meta}
+
+
+def _init_head(model, source, source_meta: dict, meta: dict, how: str) -> str:
+    """Keep the pretrained head (``head_init: auto``) only where its label space is this run's:
+    same dataset and pretraining on all of its classes. Otherwise the head is fresh, since the
+    pretraining's classes may differ. Returns what was done, for the run's metadata."""
+    if how not in ("auto", "fresh"):
+        raise ValueError(f"head_init: {how!r} is not allowed; allowed values: ['auto', 'fresh']")
+    same_labels = (source_meta.get("dataset") == meta["dataset"]
+                   and int(source_meta.get("num_classes", -1)) == int(meta["num_classes"])
+                   and not json.loads(source_meta.get("hparams", "{}")).get("classes"))
+    if how == "auto" and same_labels:
+        model.head.load_state_dict(source.head.state_dict())
+        return "pretrained"
+    return "fresh"
 
 
 def evaluate(model_path: Path, data_dir: Path, out_dir: Path, device: str | None = None,

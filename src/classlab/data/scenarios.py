@@ -46,6 +46,8 @@ class ClassIncrementalScenario:
     params: dict
     tasks: list[Task]
     pretrain_classes: list[int] = field(default_factory=list)  # labels a pretrained backbone may have seen
+    # evaluation subset of the test split (sorted indices); None: the whole test split
+    test_indices: list[int] | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -53,6 +55,17 @@ class ClassIncrementalScenario:
 
     def task_of_class(self) -> dict[int, int]:
         return {c: t for t, task in enumerate(self.tasks) for c in task.classes}
+
+    def test_mask(self, test_labels, classes) -> "torch.Tensor":
+        """Boolean mask over the test split: samples of ``classes`` inside the evaluation subset."""
+        import torch
+
+        mask = torch.isin(test_labels, torch.tensor(list(classes)))
+        if self.test_indices is not None:
+            subset = torch.zeros_like(mask)
+            subset[torch.tensor(self.test_indices, dtype=torch.long)] = True
+            mask &= subset
+        return mask
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -211,11 +224,30 @@ def validate_forget_tasks(forget_tasks, num_classes: int) -> list[list[int]]:
 BUILDERS = {"class_incremental": class_incremental, "few_shot": few_shot, "si_blurry": si_blurry}
 
 
+def test_subset(test_labels: np.ndarray, num_classes: int, per_class: int, seed: int) -> list[int]:
+    """A seeded subset of ``per_class`` test samples of every class (all of a class that has fewer),
+    sorted; for CPU-budget runs, which evaluate after every task. The same for every method."""
+    _check(per_class >= 1, "test_samples_per_class", f"must be at least 1, got {per_class}")
+    rng = np.random.default_rng(seed + 2)
+    labels = np.asarray(test_labels)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(num_classes)]
+    return sorted(int(i) for i in np.concatenate(picked))
+
+
 def build_scenario(kind: str, dataset: str, train_labels: np.ndarray, num_classes: int, seed: int,
-                   **params) -> ClassIncrementalScenario:
+                   test_labels: np.ndarray | None = None, **params) -> ClassIncrementalScenario:
+    """Build a scenario of ``kind``. ``test_samples_per_class`` (any kind) evaluates on a seeded
+    per-class subset of the test split, recorded as ``test_indices``; it needs ``test_labels``."""
     if kind not in BUILDERS:
         raise ScenarioError(f"scenario.kind: {kind!r} is not allowed; allowed values: {sorted(BUILDERS)}")
+    test_per_class = params.pop("test_samples_per_class", None)
     try:
-        return BUILDERS[kind](dataset, np.asarray(train_labels), num_classes, seed=seed, **params)
+        scenario = BUILDERS[kind](dataset, np.asarray(train_labels), num_classes, seed=seed, **params)
     except TypeError as exc:
         raise ScenarioError(f"scenario ({kind}): {exc}") from None
+    if test_per_class is not None:
+        if test_labels is None:
+            raise ScenarioError("scenario.test_samples_per_class: the test labels are needed to draw the subset")
+        scenario.test_indices = test_subset(test_labels, num_classes, int(test_per_class), seed)
+        scenario.params["test_samples_per_class"] = int(test_per_class)
+    return scenario

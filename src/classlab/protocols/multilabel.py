@@ -162,6 +162,8 @@ def run_multilabel(method: str, data_dir: Path, scenario_path: Path, scenes: dic
     set_threads(threads)
     seed_everything(seed)
     scenario = ClassIncrementalScenario.load(scenario_path)
+    if scenario.test_indices is not None:  # scenes are composed from the whole test split
+        raise ScenarioError("scenario.test_samples_per_class: not supported by the multi-label protocol")
     if scenario.kind != "class_incremental":
         raise ScenarioError(f"scenario.kind: the multi-label protocol takes its class order and tasks from a "
                             f"class_incremental scenario, not {scenario.kind!r}")

@@ -1,0 +1,24 @@
+"""OnePrompt: OVOR without virtual outlier regularization (the OVOR paper's own ablation).
+
+Huang, Chen, Hsu, "OVOR: OnePrompt with Virtual Outlier Regularization for Rehearsal-Free
+Class-Incremental Learning", ICLR 2024, Sec. 4 / Table 3 ("OnePrompt" vs "OnePrompt + VOR").
+One prefix prompt shared by every task on the frozen ViT, and a linear head trained with the
+task-masked cross-entropy
+
+    L_CE = CE(W f_P(x) + b |_{C_t}, y)
+
+and nothing after the task: the head never sees the synthesized outliers. Everything else,
+hyperparameters included (``extends: ovor`` in its YAML), is OVOR's, so the pair measures what
+the outlier regularization adds.
+"""
+from __future__ import annotations
+
+from classlab.methods.incremental.ovor import OVOR
+from classlab.methods.registry import register_method
+from classlab.protocols.incremental import TaskContext
+
+
+@register_method("incremental", "oneprompt")
+class OnePrompt(OVOR):
+    def end_task(self, task_id: int, context: TaskContext) -> None:
+        return None  # no virtual outlier regularization of the head
