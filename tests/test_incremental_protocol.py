@@ -46,6 +46,15 @@ def test_few_shot_sessions_have_k_shots():
         assert np.bincount(LABELS[task.train_indices], minlength=10)[task.classes].tolist() == [5, 5]
 
 
+def test_few_shot_base_session_subset_keeps_the_sessions():
+    full = build_scenario("few_shot", "toy", LABELS, 10, seed=0, base_classes=6, ways=2, shots=5)
+    s = build_scenario("few_shot", "toy", LABELS, 10, seed=0, base_classes=6, ways=2, shots=5, samples_per_class=7)
+    assert np.bincount(LABELS[s.tasks[0].train_indices], minlength=10)[s.tasks[0].classes].tolist() == [7] * 6
+    assert [t.classes for t in s.tasks] == [t.classes for t in full.tasks]
+    assert all(len(t.train_indices) == 10 for t in s.tasks[1:])
+    assert full.to_json()["params"]["samples_per_class"] is None
+
+
 def test_si_blurry_is_seeded_and_blurry():
     a = build_scenario("si_blurry", "toy", LABELS, 10, seed=1, num_tasks=4, disjoint_class_ratio=0.5,
                        blurry_sample_ratio=0.2)
@@ -288,3 +297,24 @@ def test_learner_masks_classes_not_seen_yet():
     learner.begin_task(0, [2, 0], [2, 0])
     out = learner.mask_unseen(torch.zeros(1, 4))
     assert torch.isinf(out[0, 1]) and torch.isinf(out[0, 3]) and out[0, 0] == 0 and out[0, 2] == 0
+
+
+def test_first_task_pretraining_sees_only_the_first_tasks_subset(tmp_path):
+    """pretrain_first_task's command: trained on the first task's (subset) samples, nothing else."""
+    from classlab.data.prepare import load_prepared
+    from tests.shared_data import SHARED
+
+    data = SHARED / "prepared" / "digits"
+    labels = load_prepared(data).train.y.numpy()
+    scen = build_scenario("class_incremental", "digits", labels, 10, seed=0, initial=4, increment=2,
+                          samples_per_class=5)
+    scen.save(tmp_path / "scen.json")
+    out = tmp_path / "pre"
+    subprocess.run([sys.executable, "-m", "classlab.cli", "train", "--family", "pretrain", "--method", "supervised",
+                    "--data", str(data), "--backbone", "convnet", "--backbone-kwargs",
+                    json.dumps({"widths": [4], "pool_after": [0]}), "--seed", "0", "--overrides",
+                    json.dumps({"epochs": 1, "batch_size": 8}), "--classes-from-scenario", str(tmp_path / "scen.json"),
+                    "--out-dir", str(out), "--no-progress"], check=True, capture_output=True, timeout=300)
+    meta = json.loads((out / "history.json").read_text())["meta"]
+    assert meta["train_samples"] == 4 * 5
+    assert json.loads(meta["hparams"])["classes"] == scen.tasks[0].classes

@@ -99,3 +99,17 @@ def test_a_method_yaml_can_extend_another_and_change_only_what_differs(tmp_path,
     assert config.method_defaults("fam", "variant") == {"lr": 0.1, "epochs": 5, "extra": 1}
     with pytest.raises(config.ConfigError, match="extends names the method itself"):
         config.method_defaults("fam", "loop")
+
+
+def test_training_subset_by_indices_classes_and_per_class_count():
+    from classlab.train import training_subset
+
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    assert training_subset(labels, [], 0, seed=0) is None                       # the whole split
+    assert training_subset(labels, [0, 2], 0, seed=0).tolist() == [0, 2, 3, 5, 6, 8, 9]
+    assert training_subset(labels, [0], 0, seed=0, indices=[9, 3]).tolist() == [9, 3]
+    with pytest.raises(ValueError, match="outside classes"):
+        training_subset(labels, [0], 0, seed=0, indices=[1])
+    two = training_subset(labels, [0, 1], 2, seed=5)
+    assert torch.bincount(labels[two], minlength=3).tolist() == [2, 2, 0]
+    assert torch.equal(two, training_subset(labels, [0, 1], 2, seed=5))         # seeded

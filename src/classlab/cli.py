@@ -29,13 +29,16 @@ def _prepare(a):
 def _train(a):
     from classlab.train import train
 
-    overrides = json.loads(a.overrides)
+    overrides, indices = json.loads(a.overrides), None
     if a.classes_from_scenario:
         from classlab.data.scenarios import ClassIncrementalScenario
 
-        overrides["classes"] = ClassIncrementalScenario.load(Path(a.classes_from_scenario)).tasks[0].classes
+        # the first task's samples only (its subset, where the scenario keeps one): later tasks'
+        # classes and the first task's unused samples are never seen
+        first = ClassIncrementalScenario.load(Path(a.classes_from_scenario)).tasks[0]
+        overrides["classes"], indices = first.classes, sorted(first.train_indices)
     train(a.family, a.method, Path(a.data), a.backbone, a.seed, Path(a.out_dir),
-          overrides=overrides, init=Path(a.init) if a.init else None,
+          overrides=overrides, indices=indices, init=Path(a.init) if a.init else None,
           backbone_kwargs=json.loads(a.backbone_kwargs), pretrained_weights=a.pretrained_weights,
           threads=a.threads, device=a.device, progress=not a.no_progress)
 
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overrides", default="{}", help="JSON hyperparameter overrides")
     p.add_argument("--init", default=None, help="model.pt whose backbone initialises this run")
     p.add_argument("--classes-from-scenario", default=None,
-                   help="scenario JSON: train on its first task's classes only (labels of later tasks unseen)")
+                   help="scenario JSON: train on its first task's samples only (labels of later tasks unseen)")
     p.add_argument("--pretrained-weights", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default=None)

@@ -119,7 +119,7 @@ def validate_config(config: dict) -> dict:
 
 SCENARIO_PARAMS = {
     "class_incremental": {"initial", "increment", "samples_per_class", "test_samples_per_class"},
-    "few_shot": {"base_classes", "ways", "shots", "test_samples_per_class"},
+    "few_shot": {"base_classes", "ways", "shots", "samples_per_class", "test_samples_per_class"},
     "si_blurry": {"num_tasks", "disjoint_class_ratio", "blurry_sample_ratio", "samples_per_class",
                   "test_samples_per_class"},
 }

@@ -34,12 +34,16 @@ def load_model(path: str | Path):
 
 
 def train(family: str, method: str, data_dir: Path, backbone: str, seed: int, out_dir: Path,
-          overrides: dict | None = None, init: Path | None = None, backbone_kwargs: dict | None = None,
+          overrides: dict | None = None, indices: list[int] | None = None, init: Path | None = None,
+          backbone_kwargs: dict | None = None,
           pretrained_weights: bool = False, threads: int | None = None, device: str | None = None,
           progress: bool = True) -> dict:
     """Train ``family/method`` and write ``model.pt`` and ``history.json`` into ``out_dir``.
 
     ``last.pt`` in ``out_dir`` is the per-epoch resume checkpoint; a rerun continues from it.
+    The training samples are ``indices`` if given (they must lie in ``classes`` where that
+    hyperparameter is set), else those of ``classes``, each cut to a seeded ``samples_per_class``
+    subset where that is set; else the whole train split.
     """
     set_threads(threads)
     seed_everything(seed)
@@ -65,17 +69,36 @@ def train(family: str, method: str, data_dir: Path, backbone: str, seed: int, ou
         meta["head_init"] = _init_head(model, source, source_meta, meta, hparams.get("head_init", "fresh"))
     method_obj = get_method(family, method)(model, hparams, data.num_classes)
     trainer = Trainer(method_obj, TrainConfig.from_hparams(hparams), dev, seed, out_dir / "last.pt", progress)
-    indices = None
-    if hparams.get("classes"):
-        keep = torch.tensor(sorted(hparams["classes"]))
-        indices = torch.nonzero(torch.isin(data.train.y, keep)).flatten()
-    loader = trainer.make_loader(data.train.x, data.train.y, manifest["channel_mean"], manifest["channel_std"], indices)
+    subset = training_subset(data.train.y, hparams.get("classes") or [], int(hparams.get("samples_per_class") or 0),
+                             seed, indices)
+    meta["train_samples"] = int(len(subset)) if subset is not None else int(len(data.train.y))
+    loader = trainer.make_loader(data.train.x, data.train.y, manifest["channel_mean"], manifest["channel_std"], subset)
     history = trainer.fit(loader)
     save_checkpoint({"model": {k: v.cpu() for k, v in method_obj.model.state_dict().items()}, "meta": meta},
                     out_dir / "model.pt")
     write_json(out_dir / "history.json", {"meta": meta, "epochs": history})
     (out_dir / "last.pt").unlink(missing_ok=True)  # the final model supersedes the resume point
     return {"history": history, "meta": meta}
+
+
+def training_subset(labels: torch.Tensor, classes: list[int], per_class: int, seed: int,
+                    indices: list[int] | None = None) -> torch.Tensor | None:
+    """Indices of the training samples, or None for all of them (see ``train``)."""
+    if indices is not None:
+        subset = torch.as_tensor(indices, dtype=torch.long)
+        if classes and not bool(torch.isin(labels[subset], torch.tensor(classes)).all()):
+            raise ValueError(f"training indices hold labels outside classes {sorted(classes)}")
+    elif classes:
+        subset = torch.nonzero(torch.isin(labels, torch.tensor(sorted(classes)))).flatten()
+    else:
+        subset = None
+    if per_class > 0:
+        pool = subset if subset is not None else torch.arange(len(labels))
+        gen = torch.Generator().manual_seed(seed)
+        picked = [pool[labels[pool] == c][torch.randperm(int((labels[pool] == c).sum()), generator=gen)[:per_class]]
+                  for c in labels[pool].unique().tolist()]
+        subset = torch.sort(torch.cat(picked)).values
+    return subset
 
 
 def _init_head(model, source, source_meta: dict, meta: dict, how: str) -> str:

@@ -123,8 +123,9 @@ def class_incremental(dataset: str, train_labels: np.ndarray, num_classes: int, 
 
 
 def few_shot(dataset: str, train_labels: np.ndarray, num_classes: int, *, base_classes: int, ways: int, shots: int,
-             seed: int) -> ClassIncrementalScenario:
-    """A base session with all samples of ``base_classes``, then N-way K-shot sessions."""
+             seed: int, samples_per_class: int | None = None) -> ClassIncrementalScenario:
+    """A base session with all samples of ``base_classes`` (or a seeded ``samples_per_class``
+    subset of each), then N-way K-shot sessions."""
     _check(base_classes >= 1, "base_classes", f"must be at least 1, got {base_classes}")
     _check(base_classes < num_classes, "base_classes",
            f"{base_classes} base classes leave no novel class of {num_classes}")
@@ -136,8 +137,14 @@ def few_shot(dataset: str, train_labels: np.ndarray, num_classes: int, *, base_c
     _check(int(counts.min()) >= shots, "shots", f"{shots} shots but a class has only {int(counts.min())} samples")
     order = _class_order(num_classes, seed)
     rng = np.random.default_rng(seed + 1)
+    if samples_per_class is not None:
+        _check(samples_per_class >= 1, "samples_per_class", f"must be at least 1, got {samples_per_class}")
     base = order[:base_classes]
-    tasks = [Task(base, rng.permutation(np.flatnonzero(np.isin(train_labels, base))).tolist(), list(base))]
+    if samples_per_class is None:
+        base_idx = np.flatnonzero(np.isin(train_labels, base))
+    else:
+        base_idx = np.concatenate([rng.permutation(np.flatnonzero(train_labels == c))[:samples_per_class] for c in base])
+    tasks = [Task(base, rng.permutation(base_idx).tolist(), list(base))]
     seen = list(base)
     for i in range(base_classes, num_classes, ways):
         group = order[i:i + ways]
@@ -146,6 +153,7 @@ def few_shot(dataset: str, train_labels: np.ndarray, num_classes: int, *, base_c
         tasks.append(Task(group, rng.permutation(idx).tolist(), list(seen)))
     return ClassIncrementalScenario("few_shot", dataset, num_classes, order, seed,
                                     {"base_classes": base_classes, "ways": ways, "shots": shots,
+                                     "samples_per_class": samples_per_class,
                                      "name": f"{base_classes}+{ways}way{shots}shot"}, tasks)
 
 
