@@ -216,6 +216,28 @@ def test_mvp_gsf_closed_form_matches_autograd_and_gamma_zero_is_plain_ce():
     assert torch.isinf(logs["logits"][:, 3:]).all()
 
 
+def test_mvp_base_is_mvp_with_every_component_off_whatever_the_overrides():
+    from classlab.config import resolve_hparams
+    from classlab.methods.incremental.mvp_base import MVPBase
+
+    hp = resolve_hparams("incremental", "mvp_base", {"use_mask": True})
+    mvp_hp = resolve_hparams("incremental", "mvp", {})
+    assert {k: v for k, v in hp.items() if not k.startswith("use_")} == \
+        {k: v for k, v in mvp_hp.items() if not k.startswith("use_")}
+    base = MVPBase(tiny_vit(), {**hp, "pool_size": 3}, 6)
+    base.hparams = {**hp, "use_gsf": True}                 # as the protocol re-assigns it per task
+    assert not any(base.hparams[k] for k in ("use_mask", "use_contrastive", "use_afs", "use_gsf"))
+    batch = _batch(k=3)
+    base.train()
+    q = base.query(batch["x"])
+    pull = (1.0 - F.cosine_similarity(q, base.key[base.select(q)], dim=1)).mean()
+    loss, logs = base.training_step(batch)
+    # the base loss: cross-entropy over the classes exposed so far + L2P's key pull, nothing else
+    ce = F.cross_entropy(logs["logits"], batch["y"])
+    assert loss.item() == pytest.approx((ce + hp["prompt_loss_weight"] * pull).item(), rel=1e-5)
+    assert torch.isinf(logs["logits"][:, 3:]).all()
+
+
 def test_mvp_cvpt_loss_hand_computed():
     keys = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     q = torch.tensor([[2.0, 0.0]])
