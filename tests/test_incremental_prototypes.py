@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from classlab.engine import load_checkpoint
-from classlab.methods.incremental.simplecil import SimpleCIL, class_means
+from classlab.methods.incremental.simplecil import SimpleCIL
+from classlab.protocols.incremental import class_means
 from classlab.methods.incremental.slca import SLCA, gaussian_statistics, logit_norm_loss, sample_gaussian
 from classlab.methods.incremental.teen import TEEN, teen_calibrate
 from classlab.models.backbones import Classifier

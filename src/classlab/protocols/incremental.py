@@ -58,6 +58,17 @@ class TaskContext:
     std: list[float] | None = None
 
 
+def class_means(features: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> torch.Tensor:
+    """[len(classes), D]: the prototype p_c = mean of the features whose label is c."""
+    out = []
+    for c in classes:
+        rows = features[labels == c]
+        if len(rows) == 0:
+            raise ValueError(f"class {c} has no training sample in this task; cannot build its prototype")
+        out.append(rows.mean(0))  # p_c = 1/K sum_j phi(x_j) 1(y_j = c)
+    return torch.stack(out)
+
+
 class IncrementalLearner(Method):
     """Base learner: sequential fine-tuning with cross-entropy over the classes seen so far."""
 

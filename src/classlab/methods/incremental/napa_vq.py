@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from classlab.methods.registry import register_method
-from classlab.protocols.incremental import IncrementalLearner
+from classlab.protocols.incremental import IncrementalLearner, class_means
 
 
 def sq_dists(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -215,10 +215,9 @@ class NapaVQ(IncrementalLearner):
     def end_task(self, task_id, context) -> None:
         feats = context.embed(context.task_indices).to(self.prototypes.device)
         labels = context.train_y[context.task_indices].to(self.prototypes.device)
-        for c in context.new_classes:
-            sel = labels == c
-            if sel.any():
-                self.prototypes[c] = feats[sel].mean(0)  # p_c = mean feature of class c
+        present = [c for c in context.new_classes if bool((labels == c).any())]
+        if present:  # p_c = mean feature of class c
+            self.prototypes[present] = class_means(feats, labels, present)
         self.old_model.load_state_dict(self.model.state_dict())
         self.old_model.eval()
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from classlab.methods.registry import register_method
-from classlab.protocols.incremental import IncrementalLearner, TaskContext
+from classlab.protocols.incremental import IncrementalLearner, TaskContext, class_means
 
 
 def class_radius(feats: torch.Tensor, labels: torch.Tensor) -> float:
@@ -84,10 +84,9 @@ class PASSProtoAug(IncrementalLearner):
     def end_task(self, task_id: int, context: TaskContext) -> None:
         feats = context.embed(context.task_indices).to(self.prototypes.device)
         labels = context.train_y[context.task_indices].to(self.prototypes.device)
-        for c in context.new_classes:
-            sel = labels == c
-            if sel.any():
-                self.prototypes[c] = feats[sel].mean(0)  # p_c = mean feature of class c
+        present = [c for c in context.new_classes if bool((labels == c).any())]
+        if present:  # p_c = mean feature of class c
+            self.prototypes[present] = class_means(feats, labels, present)
         if task_id == 0:
             self.radius.fill_(class_radius(feats, labels))
 

@@ -30,24 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from classlab.methods.registry import register_method
-from classlab.protocols.incremental import IncrementalLearner, TaskContext
+from classlab.protocols.incremental import IncrementalLearner, TaskContext, class_means
 
 
 def cosine_logits(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """cos(f, p_c) for every sample and every prototype (a zero prototype gives 0)."""
     # logits_ic = <f_i, p_c> / (||f_i|| ||p_c||)
     return F.linear(F.normalize(features, dim=-1), F.normalize(prototypes, dim=-1))
-
-
-def class_means(features: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> torch.Tensor:
-    """[len(classes), D]: p_c = mean of the features whose label is c."""
-    out = []
-    for c in classes:
-        rows = features[labels == c]
-        if len(rows) == 0:
-            raise ValueError(f"class {c} has no training sample in this task; cannot build its prototype")
-        out.append(rows.mean(0))  # p_c = 1/K sum_j phi(x_j) 1(y_j = c)
-    return torch.stack(out)
 
 
 @register_method("incremental", "simplecil")
