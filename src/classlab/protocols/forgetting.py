@@ -37,7 +37,7 @@ from classlab.data.scenarios import ScenarioError, validate_forget_tasks  # noqa
 from classlab.engine import Trainer, TrainConfig, load_checkpoint, predict_logits, save_checkpoint
 from classlab.engine.device import pick_device, seed_everything, set_threads
 from classlab.io import atomic_path, write_json
-from classlab.protocols.incremental import TaskContext, _Fn, resolve_learner
+from classlab.protocols.incremental import TaskContext, _describe_init, _Fn, resolve_learner
 
 KIND = "continual_forgetting"
 
@@ -188,9 +188,10 @@ def run_continual_forgetting(method: str, data_dir: Path, backbone: str, seed: i
                                    for t in range(len(forget_tasks))], outputs["labels"], forget_tasks, num_classes)
     meta = {"method": method, "family": "incremental", "seed": seed, "backbone": backbone,
             "dataset": manifest["dataset"], "scenario": KIND, "scenario_kind": KIND,
-            "hparams": json.dumps(hparams, sort_keys=True), "init": str(init), "forget_tasks": forget_tasks}
+            "hparams": json.dumps(hparams, sort_keys=True), "init": str(init), "init_kind": _describe_init(init_meta, all_classes_expected=True),
+            "forget_tasks": forget_tasks}
     metrics.update({k: meta[k] for k in ("dataset", "method", "seed", "backbone", "scenario", "scenario_kind",
-                                         "init", "forget_tasks")})
+                                         "init", "init_kind", "forget_tasks")})
     eval_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(eval_dir / "predictions.npz") as tmp:
         with open(tmp, "wb") as fh:

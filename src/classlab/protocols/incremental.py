@@ -290,12 +290,15 @@ def run_incremental(method: str, data_dir: Path, scenario_path: Path, backbone: 
     return {"history": history, "meta": meta}
 
 
-def _describe_init(init_meta: dict) -> str:
-    """How the backbone was initialised, for the report: which labels it may have seen."""
+def _describe_init(init_meta: dict, all_classes_expected: bool = False) -> str:
+    """How the backbone was initialised, for the report: which labels it may have seen. The
+    forgetting protocol starts from a model of all classes by design (``all_classes_expected``);
+    elsewhere that means later tasks' labels were seen, and the report says so."""
     if not init_meta:
         return "scratch"
     classes = json.loads(init_meta.get("hparams", "{}")).get("classes") or []
-    seen = f"classes {sorted(classes)} only" if classes else "ALL classes (later tasks' labels seen)"
+    seen = f"classes {sorted(classes)} only" if classes else \
+        "all classes" if all_classes_expected else "ALL classes (later tasks' labels seen)"
     return f"{init_meta.get('family', '')}/{init_meta.get('method', '')} pretraining on {seen}"
 
 

@@ -38,7 +38,7 @@ from classlab.engine.device import pick_device, seed_everything, set_threads
 from classlab.io import atomic_path, read_json, write_json
 from classlab.metrics.incremental import forgetting
 from classlab.models import build_classifier
-from classlab.protocols.incremental import TaskContext, _Fn, _first_task_epochs, resolve_learner
+from classlab.protocols.incremental import TaskContext, _describe_init, _Fn, _first_task_epochs, resolve_learner
 
 KIND = "multilabel"
 F1_THRESHOLD = 0.8  # sigmoid threshold of CF1/OF1, as in the MULTI-LANE and KRT evaluations
@@ -241,7 +241,8 @@ def run_multilabel(method: str, data_dir: Path, scenario_path: Path, scenes: dic
     meta = {"method": method, "family": "incremental", "seed": seed, "backbone": backbone,
             "dataset": scenario.dataset, "scenario": f"ML-{scenario.params.get('name', scenario.kind)}",
             "scenario_kind": KIND, "hparams": json.dumps(hparams, sort_keys=True),
-            "init": str(init) if init else "", "init_classes": init_meta.get("hparams", "") if init_meta else "",
+            "init": str(init) if init else "", "init_kind": _describe_init(init_meta),
+            "init_classes": init_meta.get("hparams", "") if init_meta else "",
             "class_order": scenario.class_order, "class_order_seed": scenario.class_order_seed,
             "task_classes": [t.classes for t in scenario.tasks], "scenes": scene_manifest["recipe"],
             "canvas": scene_manifest["canvas"]}
@@ -267,5 +268,6 @@ def evaluate_multilabel(predictions: Path, history: Path, out: Path) -> dict:
     metrics = summarize_multilabel(steps, task_classes, indices)
     metrics.update({k: meta[k] for k in ("dataset", "method", "seed", "backbone", "scenario", "scenario_kind",
                                          "init", "scenes", "task_classes")})
+    metrics["init_kind"] = meta.get("init_kind", "scratch")
     write_json(out, metrics)
     return metrics
