@@ -158,6 +158,7 @@ def test_gs_lora_end_to_end_forgets_two_digits_and_keeps_the_rest(tmp_path, digi
     assert m["forgotten_accuracy"] < 0.5 * m["original_forgotten_accuracy"]  # ... and forgot them
     assert m["forgotten_accuracy"] <= 0.2  # chance is 0.1
     assert m["retained_accuracy"] >= m["original_retained_accuracy"] - 0.05
+    assert m["init_kind"].endswith("pretraining on all classes")  # reported in the table's init column
     for path in ("ck/model.pt", "ck/history.json", "ev/metrics.json", "ev/predictions.npz"):
         assert (tmp_path / path).exists(), path
     assert not (tmp_path / "ck" / "task0.pt").exists()

@@ -238,6 +238,7 @@ def test_multi_lane_and_shared_prompt_end_to_end_on_digit_scenes(digits, tmp_pat
         assert not list((out / "ck").glob("task*.pt"))
         m = evaluate_multilabel(out / "ev/predictions.npz", out / "ck/history.json", out / "ev/metrics.json")
         assert m["scenario_kind"] == "multilabel" and m["scenes"] == SCENES
+        assert m["init_kind"] == "scratch"
         assert len(m["map_per_task"]) == 3 and all(0.0 < v <= 1.0 for v in m["map_per_task"])
         assert m["average_incremental_map"] == pytest.approx(np.mean(m["map_per_task"]))
         metrics[method] = m
