@@ -177,20 +177,29 @@ def _validate(a):
     print("config ok")
 
 
-def _add_run_options(p, init_help: str, init_required: bool = False) -> None:
-    """Options every protocol run takes (train-incremental, -multilabel, -forgetting)."""
+def _add_model_options(p, init_help: str, init_required: bool = False) -> None:
+    """What every training command takes: the method, data, backbone, seed, overrides and init."""
     p.add_argument("--method", required=True)
     p.add_argument("--data", required=True, help="prepared dataset directory")
     p.add_argument("--backbone", required=True)
     p.add_argument("--backbone-kwargs", default="{}")
     p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--ckpt-dir", required=True)
-    p.add_argument("--eval-dir", required=True)
     p.add_argument("--overrides", default="{}", help="JSON hyperparameter overrides")
     p.add_argument("--init", default=None, required=init_required, help=init_help)
+
+
+def _add_execution_options(p) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
+
+
+def _add_run_options(p, init_help: str, init_required: bool = False) -> None:
+    """Options every protocol run takes (train-incremental, -multilabel, -forgetting)."""
+    _add_model_options(p, init_help, init_required)
+    p.add_argument("--ckpt-dir", required=True)
+    p.add_argument("--eval-dir", required=True)
+    _add_execution_options(p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,20 +221,12 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("train", help="train one method (resumes from out-dir/last.pt)")
     p.add_argument("--family", required=True)
-    p.add_argument("--method", required=True)
-    p.add_argument("--data", required=True, help="prepared dataset directory")
-    p.add_argument("--backbone", required=True)
-    p.add_argument("--backbone-kwargs", default="{}")
-    p.add_argument("--seed", type=int, required=True)
+    _add_model_options(p, init_help="model.pt whose backbone initialises this run")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--overrides", default="{}", help="JSON hyperparameter overrides")
-    p.add_argument("--init", default=None, help="model.pt whose backbone initialises this run")
     p.add_argument("--classes-from-scenario", default=None,
                    help="scenario JSON: train on its first task's samples only (labels of later tasks unseen)")
     p.add_argument("--pretrained-weights", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-progress", action="store_true")
+    _add_execution_options(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="test-set predictions.npz + metrics.json")

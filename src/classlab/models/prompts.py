@@ -79,6 +79,14 @@ def vit_forward(vit: nn.Module, x: torch.Tensor, prefixes: dict | None = None, t
 # --- virtual outliers (NPOS-style) and the VOR loss ----------------------------------------
 
 
+def prompt_layers(hparams: dict, depth: int) -> tuple[list[int], list[int]]:
+    """The blocks of the g-prompt (``g_layers``, default 0-1) and the e-prompts (``e_layers``,
+    default 2-4), without the blocks a shallower ViT does not have."""
+    g_layers = [i for i in hparams.get("g_layers", [0, 1]) if i < depth]
+    e_layers = [i for i in hparams.get("e_layers", [2, 3, 4]) if i < depth]
+    return g_layers, e_layers
+
+
 def frozen_vit(model: nn.Module) -> nn.Module:
     """The classifier's timm ViT backbone, checked and frozen: prompt methods train only prompts
     and heads."""

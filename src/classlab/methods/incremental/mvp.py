@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from classlab.models.prompts import frozen_vit, vit_forward
+from classlab.models.prompts import frozen_vit, prompt_layers, vit_forward
 from classlab.methods.registry import register_method
 from classlab.protocols.incremental import IncrementalLearner
 
@@ -88,8 +88,7 @@ class MVP(IncrementalLearner):
         super().__init__(model, hparams, num_classes)
         vit = frozen_vit(model)
         depth, dim = len(vit.blocks), vit.embed_dim
-        self.g_layers = [i for i in hparams.get("g_layers", [0, 1]) if i < depth]
-        self.e_layers = [i for i in hparams.get("e_layers", [2, 3, 4]) if i < depth]
+        self.g_layers, self.e_layers = prompt_layers(hparams, depth)
         self.g_len, self.e_len = int(hparams.get("g_length", 5)), int(hparams.get("e_length", 20))
         pool = int(hparams.get("pool_size", 10))
         # as in the public code: prompts and keys N(0, 1), masks -1 (2 sigmoid(-1) = 0.54)

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from classlab.methods.registry import register_method
-from classlab.models.prompts import _check_vit, frozen_vit, prefix_attention, vit_forward  # noqa: F401  (re-exported)
+from classlab.models.prompts import _check_vit, frozen_vit, prefix_attention, prompt_layers, vit_forward  # noqa: F401  (re-exported)
 from classlab.protocols.incremental import IncrementalLearner, TaskContext
 
 
@@ -100,8 +100,7 @@ class OVOR(IncrementalLearner):
         super().__init__(model, hparams, num_classes)
         vit = frozen_vit(model)
         depth, dim = len(vit.blocks), vit.embed_dim
-        self.g_layers = [i for i in hparams.get("g_layers", [0, 1]) if i < depth]
-        self.e_layers = [i for i in hparams.get("e_layers", [2, 3, 4]) if i < depth]
+        self.g_layers, self.e_layers = prompt_layers(hparams, depth)
         self.g_len = int(hparams.get("g_length", 10)) if self.g_layers else 0
         self.e_len = int(hparams.get("e_length", 40)) if self.e_layers else 0
         for name, n, length in (("g", len(self.g_layers), self.g_len), ("e", len(self.e_layers), self.e_len)):
