@@ -156,7 +156,7 @@ def test_ovor_vor_phase_raises_id_logits_and_lowers_outlier_logits():
 def test_oneprompt_is_ovor_without_the_outlier_step_and_shares_its_defaults():
     from classlab.config import resolve_hparams
     from classlab.methods.incremental.oneprompt import OnePrompt
-    from classlab.protocols.incremental import TaskContext
+    from classlab.methods.learner import TaskContext
 
     ovor_hp, one_hp = resolve_hparams("incremental", "ovor", {}), resolve_hparams("incremental", "oneprompt", {})
     assert one_hp["vor_epochs"] == 0 and ovor_hp["vor_epochs"] > 0

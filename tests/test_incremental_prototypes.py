@@ -16,11 +16,11 @@ from torch import nn
 
 from classlab.engine import load_checkpoint
 from classlab.methods.incremental.simplecil import SimpleCIL
-from classlab.protocols.incremental import class_means
+from classlab.methods.learner import class_means
 from classlab.methods.incremental.slca import SLCA, gaussian_statistics, logit_norm_loss, sample_gaussian
 from classlab.methods.incremental.teen import TEEN, teen_calibrate
 from classlab.models.backbones import Classifier
-from classlab.protocols.incremental import TaskContext
+from classlab.methods.learner import TaskContext
 
 from tests.shared_data import SHARED  # noqa: E402  (built by conftest before the tests run)
 DIGITS = SHARED / "prepared" / "digits"

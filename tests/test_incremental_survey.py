@@ -21,7 +21,7 @@ from classlab.methods.incremental.lwf import LwF, kd_loss
 from classlab.metrics.incremental import accuracy_matrix, last_accuracy
 from classlab.models import build_classifier
 from classlab.models.backbones import Classifier
-from classlab.protocols.incremental import TaskContext
+from classlab.methods.learner import TaskContext
 from classlab.protocols.memory import ExemplarMemory
 
 from tests.shared_data import SHARED  # noqa: E402  (built by conftest before the tests run)

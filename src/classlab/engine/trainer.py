@@ -102,6 +102,8 @@ class Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * factor
 
+                method.global_step = epoch * steps_per_epoch + i
+
                 def closure():
                     with autocast(self.device):
                         return method.training_step(batch)[0]
@@ -111,6 +113,7 @@ class Trainer:
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch + 1}, step {i}")
                 method.optimizer_step(loss, optimizer, closure)
+                method.on_after_step(batch, logs)  # state changes once per step, however often closure ran
                 n = batch["y"].shape[0]
                 loss_sum += loss.detach().float() * n
                 if "logits" in logs:

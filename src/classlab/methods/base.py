@@ -6,7 +6,14 @@ any state of its own (a teacher, a memory of past predictions, prototypes) as su
 or buffers, so that one ``state_dict`` checkpoints all of it. It overrides only the hooks
 it needs:
 
-- ``training_step(batch)`` -> ``(loss, logs)``: the loss of one batch.
+- ``training_step(batch)`` -> ``(loss, logs)``: the loss of one batch. It is a pure function of
+  the batch and the parameters: a two-step optimizer (SAM) calls it twice through ``closure``,
+  so it must not change any buffer, memory or counter.
+- ``on_after_step(batch, logs)``: runs exactly once after each optimizer step. Whatever a method
+  keeps (memories, EMA teachers, prototypes, usage counts, queues) changes here, from the
+  detached tensors that ``training_step`` put in ``logs``.
+- ``global_step``: the index of the current optimizer step, counted over the whole run (every
+  epoch, and every chunk of an online stream); set by the engine before ``training_step``.
 - ``param_groups()`` / ``configure_optimizer()``: what is trained, with which optimizer.
 - ``optimizer_step(loss, optimizer, closure)``: default backward + step; SAM-style
   two-step updates re-evaluate ``closure()``.
@@ -34,6 +41,7 @@ class Method(nn.Module):
         self.model = model
         self.hparams = dict(hparams)
         self.num_classes = num_classes
+        self.global_step = 0  # set by the engine before each training_step
 
     # --- what is trained --------------------------------------------------------------
     def param_groups(self) -> list[dict]:
@@ -63,6 +71,9 @@ class Method(nn.Module):
         optimizer.step()
 
     # --- run and epoch boundaries -----------------------------------------------------
+    def on_after_step(self, batch: dict, logs: dict) -> None:
+        pass
+
     def on_train_start(self, loader) -> None:
         pass
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from classlab.methods.registry import register_method
-from classlab.protocols.incremental import IncrementalLearner
+from classlab.methods.learner import IncrementalLearner
 
 
 def fresh_copy(module: nn.Module) -> nn.Module:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from classlab.methods.registry import register_method
-from classlab.protocols.incremental import IncrementalLearner, TaskContext
+from classlab.methods.learner import IncrementalLearner, TaskContext
 
 
 def ewc_penalty(theta: torch.Tensor, theta_star: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ L_t = CE(f(x)|_{seen classes}, y),  (x, y) from task t only.
 from __future__ import annotations
 
 from classlab.methods.registry import register_method
-from classlab.protocols.incremental import IncrementalLearner
+from classlab.methods.learner import IncrementalLearner
 
 
 @register_method("incremental", "finetune")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from classlab.methods.registry import register_method
-from classlab.protocols.incremental import IncrementalLearner
+from classlab.methods.learner import IncrementalLearner
 
 ADAPTER = "default"
 # peft full-matches a regex against module names inside the backbone: the FFN linears of every block

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from classlab.methods.registry import register_method
-from classlab.protocols.incremental import IncrementalLearner, TaskContext
+from classlab.methods.learner import IncrementalLearner, TaskContext
 
 
 def icarl_targets(y: torch.Tensor, old_logits: torch.Tensor | None, old_mask: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ L_t = CE(f(x)|_{seen classes}, y),  (x, y) from tasks 0..t.
 from __future__ import annotations
 
 from classlab.methods.registry import register_method
-from classlab.protocols.incremental import IncrementalLearner
+from classlab.methods.learner import IncrementalLearner
 
 
 @register_method("incremental", "joint")

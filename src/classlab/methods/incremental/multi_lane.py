@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from classlab.methods.registry import register_method
-from classlab.protocols.incremental import IncrementalLearner
+from classlab.methods.learner import IncrementalLearner
 
 
 def _orthogonal(*shape: int) -> nn.Parameter:

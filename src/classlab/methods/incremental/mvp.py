@@ -45,7 +45,7 @@ from torch import nn
 
 from classlab.models.prompts import frozen_vit, prompt_layers, vit_forward
 from classlab.methods.registry import register_method
-from classlab.protocols.incremental import IncrementalLearner
+from classlab.methods.learner import IncrementalLearner
 
 
 def masked_logits(raw: torch.Tensor, class_mask: torch.Tensor | None, exposed: torch.Tensor) -> torch.Tensor:

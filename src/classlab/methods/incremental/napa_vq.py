@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from classlab.methods.registry import register_method
-from classlab.protocols.incremental import IncrementalLearner, class_means
+from classlab.methods.learner import IncrementalLearner, class_means
 
 
 def sq_dists(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from classlab.methods.incremental.ovor import OVOR
 from classlab.methods.registry import register_method
-from classlab.protocols.incremental import TaskContext
+from classlab.methods.learner import TaskContext
 
 
 @register_method("incremental", "oneprompt")

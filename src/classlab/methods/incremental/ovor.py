@@ -49,7 +49,7 @@ from torch import nn
 
 from classlab.methods.registry import register_method
 from classlab.models.prompts import _check_vit, frozen_vit, prefix_attention, prompt_layers, vit_forward  # noqa: F401  (re-exported)
-from classlab.protocols.incremental import IncrementalLearner, TaskContext
+from classlab.methods.learner import IncrementalLearner, TaskContext
 
 
 # --- prompting a timm VisionTransformer ---------------------------------------------------

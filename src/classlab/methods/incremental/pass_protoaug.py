@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from classlab.methods.registry import register_method
-from classlab.protocols.incremental import IncrementalLearner, TaskContext, class_means
+from classlab.methods.learner import IncrementalLearner, class_means
 
 
 def class_radius(feats: torch.Tensor, labels: torch.Tensor) -> float:

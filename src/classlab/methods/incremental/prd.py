@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from classlab.methods.registry import register_method
-from classlab.protocols.incremental import IncrementalLearner
+from classlab.methods.learner import IncrementalLearner
 
 
 def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1,

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from classlab.methods.registry import register_method
-from classlab.protocols.incremental import IncrementalLearner, TaskContext
+from classlab.methods.learner import IncrementalLearner, TaskContext
 
 
 def slow_learner_groups(model, lr: float, backbone_lr_scale: float) -> list[dict]:

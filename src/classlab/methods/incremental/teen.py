@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from classlab.methods.incremental.simplecil import SimpleCIL
 from classlab.methods.registry import register_method
-from classlab.protocols.incremental import TaskContext
+from classlab.methods.learner import TaskContext
 
 
 def teen_calibrate(new_protos: torch.Tensor, base_protos: torch.Tensor, alpha: float, tau: float) -> torch.Tensor:

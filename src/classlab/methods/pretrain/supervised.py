@@ -7,14 +7,25 @@ method that names it. ``classes`` in the hyperparameters restricts pretraining t
 of classes (e.g. the first task of a class-incremental sequence), so that later classes'
 labels are never seen.
 
-L = -1/B sum_i log softmax(f(x_i))_{y_i}  (the same loss as ERM fine-tuning, which it reuses)
+L = -1/B sum_i log softmax(f(x_i))_{y_i}
+
+It is its own class, not the supervised family's ``erm``: a change to a fine-tuning recipe
+must not change the shared pretraining node of every family.
 """
 from __future__ import annotations
 
+import torch.nn.functional as F
+
+from classlab.methods.base import Method
 from classlab.methods.registry import register_method
-from classlab.methods.supervised.erm import ERM
 
 
 @register_method("pretrain", "supervised")
-class SupervisedPretrain(ERM):
-    """ERM's cross-entropy step, run from scratch as the shared pretraining stage."""
+class SupervisedPretrain(Method):
+    """Cross-entropy from scratch: the shared pretraining stage."""
+
+    def training_step(self, batch):
+        logits = self.model(batch["x"])
+        # L = CE(softmax(f(x)), y), label-smoothed when label_smoothing > 0
+        loss = F.cross_entropy(logits, batch["y"], label_smoothing=self.hparams.get("label_smoothing", 0.0))
+        return loss, {"logits": logits.detach()}
