@@ -1,7 +1,16 @@
-"""Turn verified raw files into compact uint8 tensors plus a JSON manifest."""
+"""Turn verified raw files into compact uint8 tensors plus a JSON manifest.
+
+The raw train split is cut into a training part (``train.pt``) and a seeded, per-class
+stratified validation part (``val.pt``); the raw test split becomes ``test.pt`` untouched.
+Every consumer that reads ``load_prepared(...).train`` therefore never sees a validation
+sample; choices (epochs, learning rates, options) are made on ``.val`` and ``.test`` is only
+reported. The manifest records which raw-train indices went to validation, with the fraction
+and the seed, so the cut can be recomputed (``stratified_holdout``) and checked.
+"""
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +21,8 @@ from classlab.data.registry import get_dataset
 from classlab.engine.checkpoint import save_checkpoint
 from classlab.io import read_json, write_json
 
+DEFAULT_VAL_FRACTION = 0.1
+
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -21,36 +32,85 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def prepare(dataset: str, raw_dir: Path, out_dir: Path, seed: int = 0) -> dict:
-    """Write ``train.pt``, ``test.pt`` (dicts of tensors) and ``manifest.json`` into ``out_dir``.
+def stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split positions ``0..len(y)-1`` into (kept, held_out), both ascending.
 
-    The manifest is written last: its presence means the split files are complete.
+    Each class ``c`` with ``n_c`` samples gives ``round(fraction * n_c)`` of them to the
+    held-out part, at least one and at most ``n_c - 1`` (a class with a single sample stays
+    whole in the kept part); ``fraction == 0`` holds nothing out. Within a class the held-out
+    samples are the first ones of a permutation drawn from a generator seeded by
+    ``(seed, c)``, so a class's cut does not depend on the other classes.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
+    y = np.asarray(y)
+    held: list[np.ndarray] = []
+    if fraction > 0:
+        for c in np.unique(y):
+            members = np.flatnonzero(y == c)
+            n = len(members)
+            k = min(max(int(round(fraction * n)), 1), n - 1)
+            if k <= 0:
+                continue
+            rng = np.random.default_rng([int(seed), int(c)])
+            held.append(members[rng.permutation(n)[:k]])
+    held_out = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    keep = np.ones(len(y), dtype=bool)
+    keep[held_out] = False
+    return np.flatnonzero(keep).astype(np.int64), held_out.astype(np.int64)
+
+
+def prepare(dataset: str, raw_dir: Path, out_dir: Path, seed: int = 0,
+            val_fraction: float = DEFAULT_VAL_FRACTION) -> dict:
+    """Write ``train.pt``, ``val.pt``, ``test.pt`` (dicts of tensors) and ``manifest.json``.
+
+    ``val.pt`` holds ``val_fraction`` of each class of the raw train split (seeded by
+    ``seed``), ``train.pt`` the rest; both keep the raw order and carry ``source_index``, the
+    sample's position in the raw train split. The channel statistics are those of the
+    training part. The manifest is written last: its presence means the split files are
+    complete.
     """
     spec = get_dataset(dataset)
     raw = spec.load_raw(Path(raw_dir))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     class_names = raw.class_names or spec.class_names
-    files = {}
     for split, x, y in (("train", raw.train_x, raw.train_y), ("test", raw.test_x, raw.test_y)):
         if x.dtype != np.uint8 or x.ndim != 4:
             raise ValueError(f"{dataset}/{split}: expected uint8 (N, C, H, W), got {x.dtype} {x.shape}")
         if len(x) != len(y):
             raise ValueError(f"{dataset}/{split}: {len(x)} images but {len(y)} labels")
+    train_idx, val_idx = stratified_holdout(raw.train_y, val_fraction, seed)
+    parts = (("train", raw.train_x[train_idx], raw.train_y[train_idx], train_idx),
+             ("val", raw.train_x[val_idx], raw.train_y[val_idx], val_idx),
+             ("test", raw.test_x, raw.test_y, np.arange(len(raw.test_y), dtype=np.int64)))
+    files = {}
+    for split, x, y, source in parts:
         target = out_dir / f"{split}.pt"
         save_checkpoint({"x": torch.from_numpy(np.ascontiguousarray(x)),
-                         "y": torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))}, target)
+                         "y": torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)),
+                         "source_index": torch.from_numpy(np.ascontiguousarray(source, dtype=np.int64))}, target)
         files[split] = {"file": target.name, "sha256": _sha256(target), "count": int(len(y)),
                         "per_class": np.bincount(y, minlength=len(class_names)).tolist()}
+    # train and val are cut from the raw train split: val lists its raw positions, train is
+    # the complement (both ascending), so the pair is recomputable and checkable
+    files["train"]["source"] = "raw train minus splits.val.source_indices"
+    files["val"].update({"source": "raw train", "source_indices": val_idx.tolist(),
+                         "fraction": float(val_fraction), "seed": int(seed), "stratified": "per class"})
+    files["test"]["source"] = "raw test"
+    train_x = raw.train_x[train_idx].astype(np.float64)
     manifest = {
         "dataset": dataset,
         "class_names": class_names,
         "num_classes": len(class_names),
         "shape": list(raw.train_x.shape[1:]),
         "seed": seed,
+        "val_fraction": float(val_fraction),
+        "val_seed": int(seed),
+        "raw_train_count": int(len(raw.train_y)),
         "splits": files,
-        "channel_mean": (raw.train_x.astype(np.float64).mean(axis=(0, 2, 3)) / 255.0).tolist(),
-        "channel_std": (raw.train_x.astype(np.float64).std(axis=(0, 2, 3)) / 255.0).tolist(),
+        "channel_mean": (train_x.mean(axis=(0, 2, 3)) / 255.0).tolist(),
+        "channel_std": (train_x.std(axis=(0, 2, 3)) / 255.0).tolist(),
     }
     write_json(out_dir / "manifest.json", manifest)
     return manifest
@@ -60,6 +120,7 @@ def prepare(dataset: str, raw_dir: Path, out_dir: Path, seed: int = 0) -> dict:
 class PreparedSplit:
     x: torch.Tensor  # uint8 (N, C, H, W)
     y: torch.Tensor  # int64 (N,)
+    source_index: torch.Tensor | None = None  # int64 (N,): position in the raw split it came from
 
     def __len__(self) -> int:
         return len(self.y)
@@ -68,8 +129,9 @@ class PreparedSplit:
 @dataclass
 class PreparedDataset:
     manifest: dict
-    train: PreparedSplit
-    test: PreparedSplit
+    train: PreparedSplit  # the raw train split minus validation: the only part to train on
+    test: PreparedSplit   # for reported numbers only
+    val: PreparedSplit    # held out from the raw train split: every choice is made on it
 
     @property
     def num_classes(self) -> int:
@@ -80,7 +142,14 @@ def load_prepared(prepared_dir: Path) -> PreparedDataset:
     prepared_dir = Path(prepared_dir)
     manifest = read_json(prepared_dir / "manifest.json")
     splits = {}
-    for split in ("train", "test"):
-        blob = torch.load(prepared_dir / f"{split}.pt", weights_only=True)
-        splits[split] = PreparedSplit(blob["x"], blob["y"])
-    return PreparedDataset(manifest, splits["train"], splits["test"])
+    for split in ("train", "val", "test"):
+        if split not in manifest["splits"]:
+            # prepared before validation splits existed: re-run prepare to get one
+            warnings.warn(f"{prepared_dir} has no {split!r} split (prepared by an older classlab); it is empty "
+                          f"here. Re-run `classlab prepare` to hold out a validation split.", stacklevel=2)
+            ref = splits["train"]
+            splits[split] = PreparedSplit(ref.x[:0], ref.y[:0], torch.zeros(0, dtype=torch.long))
+            continue
+        blob = torch.load(prepared_dir / manifest["splits"][split]["file"], weights_only=True)
+        splits[split] = PreparedSplit(blob["x"], blob["y"], blob.get("source_index"))
+    return PreparedDataset(manifest, splits["train"], splits["test"], splits["val"])
