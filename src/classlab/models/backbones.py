@@ -105,3 +105,83 @@ class Classifier(nn.Module):
 def build_classifier(backbone: str, in_chans: int, num_classes: int, img_size: int | None = None,
                      pretrained: bool = False, backbone_kwargs: dict | None = None) -> Classifier:
     return Classifier(build_backbone(backbone, in_chans, pretrained, img_size, **(backbone_kwargs or {})), num_classes)
+
+
+# --- intermediate layers by name (saliency, feature distillation) ---------------------------
+#
+# Every backbone names its stages, input to output, followed by "pooled" (the backbone's
+# feature vector) and "logits" (the head's output):
+#   convnet:  block0 .. block{k-1}: each conv block's activation (after its ReLU, before any
+#             max-pool), (B, C, H, W);
+#   resnet18: stem (after the first conv/BN/ReLU), layer1 .. layer4, (B, C, H, W);
+#   vit_tiny: block0 .. block11: each transformer block's patch tokens as a map
+#             (B, D, H/4, W/4), class token dropped (timm's NCHW intermediates).
+# timm backbones that offer ``forward_intermediates`` (ResNet, ViT) are read through it;
+# the rest through forward hooks. Any submodule name of the classifier (``backbone.blocks.3``,
+# ``head``) is accepted too and gives that module's raw output through a hook.
+
+_FINAL = ("pooled", "logits")
+
+
+def _stages(model: Classifier) -> dict[str, tuple[str, object]]:
+    """Stage name -> ("timm", index for forward_intermediates) or ("module", submodule name)."""
+    backbone = model.backbone
+    if isinstance(backbone, SmallConvNet):
+        relus = [i for i, layer in enumerate(backbone.features) if isinstance(layer, nn.ReLU)]
+        return {f"block{b}": ("module", f"backbone.features.{i}") for b, i in enumerate(relus)}
+    if isinstance(backbone, timm.models.resnet.ResNet):
+        return {name: ("timm", i) for i, name in enumerate(("stem", "layer1", "layer2", "layer3", "layer4"))}
+    if isinstance(backbone, timm.models.vision_transformer.VisionTransformer):
+        return {f"block{i}": ("timm", i) for i in range(len(backbone.blocks))}
+    # another backbone: its top-level children, through hooks
+    return {name: ("module", f"backbone.{name}") for name, _ in backbone.named_children()}
+
+
+def layer_names(model: Classifier) -> list[str]:
+    """The named stages of ``model`` (a ``Classifier``), input to output, then pooled and logits."""
+    return [*_stages(model), *_FINAL]
+
+
+def intermediates(model: Classifier, x: torch.Tensor, names) -> dict[str, torch.Tensor]:
+    """The outputs named in ``names`` of one forward pass of ``model`` on ``x``.
+
+    Names come from ``layer_names(model)`` or are submodule names of ``model``. The tensors
+    stay in the autograd graph (gradients flow to them, as Grad-CAM needs) unless the caller
+    runs under ``torch.no_grad()``; mode and device are the caller's.
+    """
+    names = list(dict.fromkeys(names))
+    stages = _stages(model)
+    modules = dict(model.named_modules())
+    unknown = [n for n in names if n not in stages and n not in _FINAL and n not in modules]
+    if unknown:
+        raise KeyError(f"unknown layers {unknown}; named stages: {layer_names(model)} (or any submodule name)")
+    timm_index = {n: stages[n][1] for n in names if n in stages and stages[n][0] == "timm"}
+    hooked = {n: (stages[n][1] if n in stages else n) for n in names
+              if n not in timm_index and n not in _FINAL}
+    out: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(_module, _inputs, output):
+            out[name] = output
+        return hook
+
+    handles = [modules[m].register_forward_hook(keep(n)) for n, m in hooked.items()]
+    try:
+        if timm_index:
+            backbone = model.backbone
+            order = sorted(set(timm_index.values()))
+            if hooked or any(n in _FINAL for n in names):
+                final, maps = backbone.forward_intermediates(x, indices=order, intermediates_only=False)
+                pooled = backbone.forward_head(final)
+                out["pooled"], out["logits"] = pooled, model.head(pooled)
+            else:  # stages only: stop after the last one asked for
+                maps = backbone.forward_intermediates(x, indices=order, stop_early=True, intermediates_only=True)
+            for n, i in timm_index.items():
+                out[n] = maps[order.index(i)]
+        else:
+            pooled = model.backbone(x)
+            out["pooled"], out["logits"] = pooled, model.head(pooled)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: out[n] for n in names}
