@@ -111,3 +111,67 @@ def test_saved_tensors_are_byte_reproducible(tmp_path):
     save_checkpoint(obj, tmp_path / "a.pt")
     save_checkpoint(obj, tmp_path / "b" / "other_name.pt")
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b" / "other_name.pt").read_bytes()
+
+
+def _cmd_with(data, out, epochs, **extra):
+    cmd = _train_cmd(data, out, epochs)
+    overrides = json.loads(cmd[cmd.index("--overrides") + 1])
+    overrides.update(extra)
+    cmd[cmd.index("--overrides") + 1] = json.dumps(overrides)
+    return cmd
+
+
+def test_killed_run_under_an_edited_hyperparameter_does_not_resume(digits_prepared, tmp_path):
+    """Kill a job, edit a hyperparameter, rerun: the stale checkpoint is discarded, the rerun
+    equals a fresh run of the edited config, and the log names the differing key."""
+    epochs = 6
+    killed = tmp_path / "killed"
+    env = {**env_with_venv(), "CLASSLAB_KILL_AT": "epoch:3"}  # dies after epoch 3, with last.pt of epoch 2
+    proc = subprocess.run(_cmd_with(digits_prepared, killed, epochs), env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint(killed / "last.pt")["epoch"] == 2
+
+    rerun = subprocess.run(_cmd_with(digits_prepared, killed, epochs, lr=0.05), env=env_with_venv(),
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "discarding stale checkpoint" in rerun.stderr and "hparams" in rerun.stderr
+    assert "resuming" not in rerun.stderr
+    fresh = tmp_path / "fresh"
+    subprocess.run(_cmd_with(digits_prepared, fresh, epochs, lr=0.05), env=env_with_venv(), check=True,
+                   capture_output=True, timeout=300)
+    a, b = load_checkpoint(fresh / "model.pt")["model"], load_checkpoint(killed / "model.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mid_epoch_checkpoint_resumes_bit_identical(digits_prepared, tmp_path):
+    """A job killed mid-epoch resumes from its step checkpoint (batch offset, RNG state) and ends
+    bit-identical to an uninterrupted run."""
+    epochs = 3
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run(_cmd_with(digits_prepared, ref, epochs), env=env_with_venv(), check=True, capture_output=True,
+                   timeout=300)
+    env = {**env_with_venv(), "CLASSLAB_CHECKPOINT_EVERY_STEPS": "5", "CLASSLAB_KILL_AT": "step:58"}
+    proc = subprocess.run(_cmd_with(digits_prepared, killed, epochs), env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    state = load_checkpoint(killed / "last.pt")
+    assert state["batch"] > 0, "the kill should land mid-epoch, after a step checkpoint"
+    env.pop("CLASSLAB_KILL_AT")
+    resumed = subprocess.run(_cmd_with(digits_prepared, killed, epochs), env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"batch {state['batch']}" in resumed.stderr
+    a, b = load_checkpoint(ref / "model.pt")["model"], load_checkpoint(killed / "model.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ha = json.loads((ref / "history.json").read_text())["epochs"]
+    hb = json.loads((killed / "history.json").read_text())["epochs"]
+    assert [e["loss"] for e in ha] == [e["loss"] for e in hb]
+
+
+def test_fingerprint_names_the_differing_keys():
+    from classlab.engine.fingerprint import differing_keys, make_fingerprint
+
+    a = make_fingerprint(hparams={"lr": 0.1}, seed=1, data="x")
+    b = make_fingerprint(hparams={"lr": 0.2}, seed=1, data="x")
+    assert differing_keys(a, b) == ["hparams"]
+    assert differing_keys(a, a) == []
+    assert differing_keys(None, a) == sorted(a)  # a checkpoint written before fingerprints: never resumed

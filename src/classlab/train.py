@@ -1,6 +1,7 @@
 """Stage functions behind the CLI: train a method from a prepared dataset, evaluate it."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,11 +12,13 @@ from classlab.config import resolve_hparams
 from classlab.data.prepare import load_prepared
 from classlab.engine import Trainer, TrainConfig, load_checkpoint, predict_logits, save_checkpoint
 from classlab.engine.checkpoint import CheckpointError
+from classlab.engine.fingerprint import dataset_digest, file_digest, make_fingerprint
 from classlab.engine.device import pick_device, seed_everything, set_threads
 from classlab.io import atomic_path, write_json
 from classlab.methods.registry import get_method
 from classlab.metrics import summarize_classification
 from classlab.models import build_classifier
+from classlab.provenance import run_provenance
 
 
 def _model_from_meta(meta: dict):
@@ -68,17 +71,30 @@ def train(family: str, method: str, data_dir: Path, backbone: str, seed: int, ou
         model.backbone.load_state_dict(source.backbone.state_dict())
         meta["head_init"] = _init_head(model, source, source_meta, meta, hparams.get("head_init", "fresh"))
     method_obj = get_method(family, method)(model, hparams, data.num_classes)
-    trainer = Trainer(method_obj, TrainConfig.from_hparams(hparams), dev, seed, out_dir / "last.pt", progress)
     subset = training_subset(data.train.y, hparams.get("classes") or [], int(hparams.get("samples_per_class") or 0),
                              seed, indices)
+    # last.pt belongs to this computation only: a rerun under an edited config starts fresh
+    fingerprint = make_fingerprint(family=family, method=method, hparams=hparams, data=dataset_digest(manifest),
+                                   backbone=backbone, backbone_kwargs=meta["backbone_kwargs"], seed=seed,
+                                   init=file_digest(init), pretrained_weights=bool(pretrained_weights),
+                                   subset=_digest_indices(subset))
+    trainer = Trainer(method_obj, TrainConfig.from_hparams(hparams), dev, seed, out_dir / "last.pt", progress,
+                      fingerprint=fingerprint)
     meta["train_samples"] = int(len(subset)) if subset is not None else int(len(data.train.y))
     loader = trainer.make_loader(data.train.x, data.train.y, manifest["channel_mean"], manifest["channel_std"], subset)
     history = trainer.fit(loader)
+    meta["train_steps"], meta["batch_size"] = int(trainer.steps_done), int(trainer.config.batch_size)
     save_checkpoint({"model": {k: v.cpu() for k, v in method_obj.model.state_dict().items()}, "meta": meta},
                     out_dir / "model.pt")
     write_json(out_dir / "history.json", {"meta": meta, "epochs": history})
     (out_dir / "last.pt").unlink(missing_ok=True)  # the final model supersedes the resume point
     return {"history": history, "meta": meta}
+
+
+def _digest_indices(subset: torch.Tensor | None) -> str:
+    if subset is None:
+        return "all"
+    return hashlib.sha256(subset.to(torch.int64).numpy().tobytes()).hexdigest()
 
 
 def training_subset(labels: torch.Tensor, classes: list[int], per_class: int, seed: int,
@@ -131,6 +147,8 @@ def evaluate(model_path: Path, data_dir: Path, out_dir: Path, device: str | None
             np.savez_compressed(fh, logits=logits.astype(np.float32), labels=labels)
     metrics = summarize_classification(logits, labels, int(meta["num_classes"]))
     metrics.update({k: meta[k] for k in ("dataset", "family", "method", "seed", "backbone")})
+    metrics.update({k: meta[k] for k in ("train_steps", "batch_size") if k in meta})
+    metrics["provenance"] = run_provenance()
     metrics["class_names"] = data.manifest["class_names"]
     write_json(out_dir / "metrics.json", metrics)
     return metrics

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from classlab.engine.faults import maybe_kill
 from classlab.io import atomic_path
 
 
@@ -21,8 +22,12 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
     (DVC would see changed data). A buffer gets the fixed record name "archive"."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a job killed mid-write
+        stale.unlink(missing_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getvalue())
+        maybe_kill("checkpoint_write")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -9,6 +9,8 @@ it needs:
 - ``training_step(batch)`` -> ``(loss, logs)``: the loss of one batch. It is a pure function of
   the batch and the parameters: a two-step optimizer (SAM) calls it twice through ``closure``,
   so it must not change any buffer, memory or counter.
+- ``on_before_step(batch)``: runs once before each step (an online learner exposes the
+  incoming batch's classes before it trains on them).
 - ``on_after_step(batch, logs)``: runs exactly once after each optimizer step. Whatever a method
   keeps (memories, EMA teachers, prototypes, usage counts, queues) changes here, from the
   detached tensors that ``training_step`` put in ``logs``.
@@ -48,13 +50,20 @@ class Method(nn.Module):
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
+        """timm's optimizer factory. ``optimizer`` names it (sgd, adamw, lion, ...); ``lr``,
+        ``weight_decay``, ``momentum`` (SGD family), ``betas`` and ``eps`` pass through, and so does
+        every key of ``optimizer_kwargs`` (any other option of the timm optimizer)."""
         from timm.optim import create_optimizer_v2
 
         hp = self.hparams
-        kwargs = {}
-        if hp.get("optimizer", "sgd") in ("sgd", "nesterov", "momentum"):
-            kwargs["momentum"] = hp.get("momentum", 0.9)
-        return create_optimizer_v2(self.param_groups(), opt=hp.get("optimizer", "sgd"), lr=hp["lr"],
+        name = hp.get("optimizer", "sgd")
+        kwargs = dict(hp.get("optimizer_kwargs") or {})
+        if name in ("sgd", "nesterov", "momentum"):
+            kwargs.setdefault("momentum", hp.get("momentum", 0.9))
+        for key in ("betas", "eps"):
+            if hp.get(key) is not None:
+                kwargs.setdefault(key, tuple(hp[key]) if key == "betas" else float(hp[key]))
+        return create_optimizer_v2(self.param_groups(), opt=name, lr=hp["lr"],
                                    weight_decay=hp.get("weight_decay", 0.0), **kwargs)
 
     # --- one batch --------------------------------------------------------------------
@@ -71,6 +80,10 @@ class Method(nn.Module):
         optimizer.step()
 
     # --- run and epoch boundaries -----------------------------------------------------
+    def on_before_step(self, batch: dict) -> None:
+        """Runs once before each optimizer step, before ``training_step``: state that the step must
+        already see (an online learner exposes the classes of the incoming batch)."""
+
     def on_after_step(self, batch: dict, logs: dict) -> None:
         pass
 

@@ -69,12 +69,39 @@ class IncrementalLearner(Method):
         self.register_buffer("new_mask", torch.zeros(num_classes, dtype=torch.bool))
         self.task_id = -1
 
+    phase = "train"  # the task phase the protocol is running (see ``task_phases``)
+
     # --- template hooks -----------------------------------------------------------------
+    def task_phases(self, task_id: int) -> list[str]:
+        """The phases of a task, each run through the engine and checkpointed by the protocol:
+        ``["train"]``, or e.g. ``["train", "align"]`` for a classifier alignment on sampled features."""
+        return ["train"]
+
+    def phase_hparams(self, phase: str) -> dict:
+        """Training settings of a phase after "train" (epochs, lr, batch_size), over the task's."""
+        return {}
+
+    def phase_loader(self, phase: str, context: "TaskContext", trainer):
+        """The loader of a phase after "train" (``trainer.make_loader`` over images or float
+        features); None when the phase trains nothing."""
+        return None
+
     def begin_task(self, task_id: int, new_classes: list[int], seen_classes: list[int]) -> None:
         self.task_id = task_id
         self.new_mask.zero_()
         self.new_mask[torch.tensor(new_classes, dtype=torch.long)] = True
-        self.seen_mask[torch.tensor(seen_classes, dtype=torch.long)] = True
+        if not self.online:  # an online stream exposes its classes sample by sample (on_before_step)
+            self.seen_mask[torch.tensor(seen_classes, dtype=torch.long)] = True
+
+    @property
+    def online(self) -> bool:
+        return self.scenario_kind == "si_blurry"
+
+    def on_before_step(self, batch: dict) -> None:
+        # Si-Blurry: a class is exposed when its first sample arrives, before the step trains on
+        # it (the reference code adds unseen labels to its exposed classes as samples stream in)
+        if self.online and self.training:
+            self.seen_mask[batch["y"]] = True
 
     def training_indices(self, task: torch.Tensor, seen: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         return torch.cat([task, memory]) if self.uses_memory and len(memory) else task

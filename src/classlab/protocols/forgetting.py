@@ -20,13 +20,15 @@ optional ``prepare_task(t, context)`` (before training, e.g. prototypes), ``trai
 ``end_task(t, context)``, ``predict``; optional ``merged_state_dict()`` gives the plain
 ``Classifier`` weights written to ``model.pt`` (else ``model.state_dict()``).
 
-Resume: ``ckpt_dir/task<t>.pt`` after each task, the engine's epoch checkpoint within one;
-a rerun replays ``begin_task`` for completed tasks, loads the last task checkpoint and goes on.
+Setup, checkpoints, resume and outputs are the shared runner's (``classlab.protocols.runner``).
+A learner that defines ``training_sources(forget, retained, replay)`` (an ordered mapping of
+source name -> train indices) trains on mixed batches: each step concatenates one batch from
+every source (``batch["source"]`` holds each sample's source id), the first source defining the
+epoch; ``<name>_batch_size`` hyperparameters size the sources (default ``batch_size``).
 """
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +36,10 @@ import torch
 
 from classlab.data.prepare import load_prepared
 from classlab.data.scenarios import ScenarioError, validate_forget_tasks  # noqa: F401  (re-exported)
-from classlab.engine import Trainer, TrainConfig, load_checkpoint, predict_logits, save_checkpoint
-from classlab.engine.device import pick_device, seed_everything, set_threads
-from classlab.io import atomic_path, write_json
-from classlab.protocols.incremental import TaskContext, _describe_init, _Fn, resolve_learner
+from classlab.engine import predict_logits
+from classlab.methods.learner import TaskContext
+from classlab.io import write_json
+from classlab.protocols.runner import ProtocolRun, describe_init
 
 KIND = "continual_forgetting"
 
@@ -88,6 +90,119 @@ def summarize_forgetting(original_logits: np.ndarray, task_logits: list[np.ndarr
     return out
 
 
+class ForgettingRun(ProtocolRun):
+    kind = KIND
+
+    def __init__(self, method, data_dir, backbone, seed, ckpt_dir, eval_dir, init, forget_tasks, **kwargs):
+        if init is None:
+            raise ValueError("continual forgetting starts from a model trained on all classes: give init (a model.pt)")
+        super().__init__(method, data_dir, backbone, seed, ckpt_dir, eval_dir, init=init, **kwargs)
+        self.forget_tasks_arg = forget_tasks
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.forget_tasks)
+
+    def fingerprint_parts(self) -> dict:
+        return {"forget_tasks": self.forget_tasks}
+
+    def setup(self) -> None:
+        from classlab.train import load_model
+
+        self.data = load_prepared(self.data_dir)
+        self.manifest = self.data.manifest
+        self.num_classes = self.data.num_classes
+        self.forget_tasks = validate_forget_tasks(self.forget_tasks_arg, self.num_classes)
+        self.mean, self.std = self.manifest["channel_mean"], self.manifest["channel_std"]
+        model, self.init_meta = load_model(self.init)
+        meta = self.init_meta
+        if meta["backbone"] != self.backbone:
+            raise ValueError(f"init checkpoint {self.init} holds a {meta['backbone']} backbone, not {self.backbone}")
+        if self.backbone_kwargs and self.backbone_kwargs != dict(meta.get("backbone_kwargs") or {}):
+            raise ValueError(f"backbone_kwargs {self.backbone_kwargs} differ from the init checkpoint's "
+                             f"{meta.get('backbone_kwargs')}")
+        if int(meta["num_classes"]) != self.num_classes or meta.get("dataset") != self.manifest["dataset"]:
+            raise ValueError(f"init checkpoint {self.init} was trained on {meta.get('dataset')} with "
+                             f"{meta['num_classes']} classes, not {self.manifest['dataset']} with {self.num_classes}")
+        if not self.outputs:
+            original = predict_logits(model, self.data.test.x, self.mean, self.std, self.device)
+            self.outputs = {"labels": self.data.test.y.numpy(), "logits_original": original.numpy()}
+        self.learner = self.learner_cls(model, self.hparams, self.num_classes).to(self.device)
+        self.all_classes = list(range(self.num_classes))
+
+    def begin_task(self, t: int) -> None:
+        self.learner.begin_task(t, self.forget_tasks[t], self.all_classes)
+
+    def _task_split(self, t: int):
+        hp, y = self.hparams, self.data.train.y
+        forgotten = [c for task in self.forget_tasks[:t + 1] for c in task]
+        retained = [c for c in self.all_classes if c not in forgotten]
+        forget_idx = class_subset(y, self.forget_tasks[t], int(hp.get("forget_per_class", 0)), self.seed)
+        retained_idx = class_subset(y, retained, 0, self.seed)
+        replay_idx = class_subset(y, retained, int(hp.get("retain_per_class", 0)), self.seed)
+        return retained, forget_idx, retained_idx, replay_idx
+
+    def train_loader(self, t: int, trainer):
+        retained, forget_idx, retained_idx, replay_idx = self._task_split(t)
+        self.task_counts = {"forget_samples": int(len(forget_idx)), "replay_samples": int(len(replay_idx))}
+        x, y = self.data.train.x, self.data.train.y
+        if hasattr(self.learner, "training_sources"):
+            sources = self.learner.training_sources(forget_idx, retained_idx, replay_idx)
+            self.task_train_samples = sum(len(v) for v in sources.values())
+            if not len(next(iter(sources.values()))):
+                return None
+            sizes = {name: int(self.hparams.get(f"{name}_batch_size") or self.hparams["batch_size"])
+                     for name in sources}
+            return trainer.make_mixed_loader(x, y, self.mean, self.std, sources, sizes)
+        train_idx = self.learner.training_indices(forget_idx, retained_idx, replay_idx)
+        self.task_train_samples = len(train_idx)
+        return trainer.make_loader(x, y, self.mean, self.std, train_idx) if len(train_idx) else None
+
+    def context(self, t: int) -> TaskContext:
+        retained, forget_idx, retained_idx, replay_idx = self._task_split(t)
+        train_idx = self.learner.training_indices(forget_idx, retained_idx, replay_idx)
+        x = self.data.train.x
+        return TaskContext(t, self.forget_tasks[t], retained, x, self.data.train.y, train_idx, None,
+                           self.embed_fn(x, self.mean, self.std, self.learner.features),
+                           self.embed_fn(x, self.mean, self.std, self.learner.predict), self.device,
+                           self.mean, self.std)
+
+    def evaluate_task(self, t: int) -> dict:
+        self.learner.eval()
+        from classlab.protocols.runner import FunctionModule
+
+        logits = predict_logits(FunctionModule(self.learner.predict), self.data.test.x, self.mean, self.std,
+                                self.device)
+        self.outputs[f"logits_task{t}"] = logits.numpy().astype(np.float32)
+        self.outputs[f"forget_task{t}"] = np.array(self.forget_tasks[t], dtype=np.int64)
+        return {"forget_classes": self.forget_tasks[t], **getattr(self, "task_counts", {})}
+
+    def meta(self) -> dict:
+        return {"method": self.method, "family": "incremental", "seed": self.seed, "backbone": self.backbone,
+                "dataset": self.manifest["dataset"], "scenario": KIND, "scenario_kind": KIND,
+                "hparams": json.dumps(self.hparams, sort_keys=True), "init": str(self.init),
+                "init_kind": describe_init(self.init_meta, all_classes_expected=True),
+                "forget_tasks": self.forget_tasks}
+
+    def finish(self, meta: dict) -> None:
+        o = self.outputs
+        metrics = summarize_forgetting(o["logits_original"], [o[f"logits_task{t}"] for t in range(self.num_tasks)],
+                                       o["labels"], self.forget_tasks, self.num_classes)
+        metrics.update({k: meta[k] for k in ("dataset", "method", "seed", "backbone", "scenario", "scenario_kind",
+                                             "init", "init_kind", "forget_tasks", "provenance", "train_steps",
+                                             "batch_size")})
+        write_json(self.eval_dir / "metrics.json", metrics)
+        self.metrics = metrics
+
+    def final_model(self) -> dict:
+        """The final model in ``classlab train``'s format, so ``classlab evaluate`` and ``load_model`` read it."""
+        learner = self.learner
+        weights = learner.merged_state_dict() if hasattr(learner, "merged_state_dict") else learner.model.state_dict()
+        meta = {**self.init_meta, "family": "incremental", "method": self.method, "seed": self.seed,
+                "init": str(self.init), "hparams": self.meta_cache["hparams"], "forget_tasks": self.forget_tasks}
+        return {"model": {k: v.detach().cpu() for k, v in weights.items()}, "meta": meta}
+
+
 def run_continual_forgetting(method: str, data_dir: Path, backbone: str, seed: int, ckpt_dir: Path, eval_dir: Path,
                              init: Path, overrides: dict | None = None, forget_tasks: list[list[int]] | None = None,
                              backbone_kwargs: dict | None = None, threads: int | None = None,
@@ -95,114 +210,13 @@ def run_continual_forgetting(method: str, data_dir: Path, backbone: str, seed: i
     """Forget ``forget_tasks`` in turn from the all-class model ``init``.
 
     Writes ``ckpt_dir/task<t>.pt`` after each task (resume points, removed at the end),
-    ``ckpt_dir/model.pt`` (the final model in ``classlab train``'s format, so ``classlab
-    evaluate`` and ``load_model`` read it), ``ckpt_dir/history.json``,
-    ``eval_dir/predictions.npz`` (``labels``, ``logits_original``, ``logits_task<t>`` on the
-    whole test set, ``forget_task<t>``) and ``eval_dir/metrics.json`` (``summarize_forgetting``).
+    ``ckpt_dir/model.pt`` (the final model in ``classlab train``'s format),
+    ``ckpt_dir/history.json``, ``eval_dir/predictions.npz`` (``labels``, ``logits_original``,
+    ``logits_task<t>`` on the whole test set, ``forget_task<t>``) and ``eval_dir/metrics.json``
+    (``summarize_forgetting``).
     """
-    from classlab.train import load_model
-
-    set_threads(threads)
-    seed_everything(seed)
-    hparams, learner_cls = resolve_learner(method, KIND, backbone, overrides)
-    if init is None:
-        raise ValueError("continual forgetting starts from a model trained on all classes: give init (a model.pt)")
-    data = load_prepared(data_dir)
-    manifest = data.manifest
-    num_classes = data.num_classes
-    forget_tasks = validate_forget_tasks(forget_tasks, num_classes)
-    mean, std = manifest["channel_mean"], manifest["channel_std"]
-    dev = pick_device(device)
-    ckpt_dir, eval_dir = Path(ckpt_dir), Path(eval_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-
-    model, init_meta = load_model(init)
-    if init_meta["backbone"] != backbone:
-        raise ValueError(f"init checkpoint {init} holds a {init_meta['backbone']} backbone, not {backbone}")
-    if backbone_kwargs and dict(backbone_kwargs) != dict(init_meta.get("backbone_kwargs") or {}):
-        raise ValueError(f"backbone_kwargs {backbone_kwargs} differ from the init checkpoint's "
-                         f"{init_meta.get('backbone_kwargs')}")
-    if int(init_meta["num_classes"]) != num_classes or init_meta.get("dataset") != manifest["dataset"]:
-        raise ValueError(f"init checkpoint {init} was trained on {init_meta.get('dataset')} with "
-                         f"{init_meta['num_classes']} classes, not {manifest['dataset']} with {num_classes}")
-    test_y = data.test.y
-    original_logits = predict_logits(model, data.test.x, mean, std, dev)
-    learner = learner_cls(model, hparams, num_classes).to(dev)
-    per_retain, per_forget = int(hparams.get("retain_per_class", 0)), int(hparams.get("forget_per_class", 0))
-
-    def features_of(indices: torch.Tensor, fn) -> torch.Tensor:
-        learner.eval()
-        return predict_logits(_Fn(fn), data.train.x[indices], mean, std, dev).float()
-
-    all_classes = list(range(num_classes))
-    outputs: dict[str, np.ndarray] = {"labels": test_y.numpy(), "logits_original": original_logits.numpy()}
-    history: list[dict] = []
-    start = sum(1 for t in range(len(forget_tasks)) if (ckpt_dir / f"task{t}.pt").exists())
-    for t in range(start):  # resume: replay the structure, then load the last task checkpoint
-        torch.manual_seed(seed * 7919 + t)  # begin_task may draw fresh adapters: same draws on resume
-        learner.begin_task(t, forget_tasks[t], all_classes)
-    if start:
-        state = load_checkpoint(ckpt_dir / f"task{start - 1}.pt", map_location=dev)
-        learner.load_state_dict(state["learner"])
-        history = list(state["history"])
-        outputs = {k: v.numpy() for k, v in state["outputs"].items()}
-
-    for t in range(start, len(forget_tasks)):
-        t0 = time.perf_counter()
-        forgotten = [c for task in forget_tasks[:t + 1] for c in task]
-        retained = [c for c in all_classes if c not in forgotten]
-        forget_idx = class_subset(data.train.y, forget_tasks[t], per_forget, seed)
-        retained_idx = class_subset(data.train.y, retained, 0, seed)
-        replay_idx = class_subset(data.train.y, retained, per_retain, seed)
-        torch.manual_seed(seed * 7919 + t)
-        learner.begin_task(t, forget_tasks[t], all_classes)
-        train_idx = learner.training_indices(forget_idx, retained_idx, replay_idx)
-        context = TaskContext(t, forget_tasks[t], retained, data.train.x, data.train.y, train_idx, None,
-                              lambda idx: features_of(idx, learner.features),
-                              lambda idx: features_of(idx, learner.predict), dev)
-        if hasattr(learner, "prepare_task"):
-            learner.prepare_task(t, context)
-        learner.hparams = dict(hparams)
-        trainer = Trainer(learner, TrainConfig.from_hparams(hparams), dev, seed * 1000 + t,
-                          ckpt_dir / f"task{t}_last.pt", progress)
-        if len(train_idx):
-            trainer.fit(trainer.make_loader(data.train.x, data.train.y, mean, std, train_idx))
-        learner.end_task(t, context)
-
-        learner.eval()
-        logits = predict_logits(_Fn(learner.predict), data.test.x, mean, std, dev)
-        outputs[f"logits_task{t}"] = logits.numpy().astype(np.float32)
-        outputs[f"forget_task{t}"] = np.array(forget_tasks[t], dtype=np.int64)
-        seconds = time.perf_counter() - t0
-        history.append({"task": t, "forget_classes": forget_tasks[t], "train_samples": int(len(train_idx)),
-                        "forget_samples": int(len(forget_idx)), "replay_samples": int(len(replay_idx)),
-                        "seconds": seconds,
-                        "images_per_s": float(len(train_idx) * trainer.config.epochs / max(seconds, 1e-9)),
-                        "epochs": trainer.history})
-        save_checkpoint({"learner": learner.state_dict(), "history": history,
-                         "outputs": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in outputs.items()}},
-                        ckpt_dir / f"task{t}.pt")
-        (ckpt_dir / f"task{t}_last.pt").unlink(missing_ok=True)
-
-    metrics = summarize_forgetting(outputs["logits_original"], [outputs[f"logits_task{t}"]
-                                   for t in range(len(forget_tasks))], outputs["labels"], forget_tasks, num_classes)
-    meta = {"method": method, "family": "incremental", "seed": seed, "backbone": backbone,
-            "dataset": manifest["dataset"], "scenario": KIND, "scenario_kind": KIND,
-            "hparams": json.dumps(hparams, sort_keys=True), "init": str(init), "init_kind": _describe_init(init_meta, all_classes_expected=True),
-            "forget_tasks": forget_tasks}
-    metrics.update({k: meta[k] for k in ("dataset", "method", "seed", "backbone", "scenario", "scenario_kind",
-                                         "init", "init_kind", "forget_tasks")})
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(eval_dir / "predictions.npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **outputs)
-    write_json(eval_dir / "metrics.json", metrics)
-    write_json(ckpt_dir / "history.json", {"meta": meta, "tasks": history})
-    weights = learner.merged_state_dict() if hasattr(learner, "merged_state_dict") else learner.model.state_dict()
-    model_meta = {**init_meta, "family": "incremental", "method": method, "seed": seed, "init": str(init),
-                  "hparams": meta["hparams"], "forget_tasks": forget_tasks}
-    save_checkpoint({"model": {k: v.detach().cpu() for k, v in weights.items()}, "meta": model_meta},
-                    ckpt_dir / "model.pt")
-    for t in range(len(forget_tasks)):
-        (ckpt_dir / f"task{t}.pt").unlink(missing_ok=True)
-    return {"history": history, "meta": meta, "metrics": metrics}
+    run = ForgettingRun(method, data_dir, backbone, seed, ckpt_dir, eval_dir, init, forget_tasks, overrides=overrides,
+                        backbone_kwargs=backbone_kwargs, threads=threads, device=device, progress=progress)
+    out = run.run()
+    out["metrics"] = run.metrics
+    return out

@@ -18,13 +18,12 @@ the mAP after each task), the per-task mAP curve, the matrix M[t, j] of the mAP 
 classes after task t, forgetting on that matrix, and the final CF1/OF1 at a sigmoid threshold.
 
 The learners are ``IncrementalLearner`` subclasses with ``"multilabel"`` in ``scenario_kinds``;
-the loop reuses the shared engine (``Trainer``), checkpoints and atomic output of the
-single-label runner and resumes the same way (task checkpoints, then the epoch checkpoint).
+setup, the loop, checkpoints, resume and outputs are the shared runner's
+(``classlab.protocols.runner``).
 """
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +32,12 @@ import torch
 from classlab.data.prepare import load_prepared
 from classlab.data.scenarios import ClassIncrementalScenario, ScenarioError
 from classlab.data.scenes import scenes_from_prepared
-from classlab.engine import Trainer, TrainConfig, load_checkpoint, predict_logits, save_checkpoint
-from classlab.engine.device import pick_device, seed_everything, set_threads
-from classlab.io import atomic_path, read_json, write_json
+from classlab.engine.fingerprint import file_digest
+from classlab.io import read_json, write_json
+from classlab.methods.learner import TaskContext
 from classlab.metrics.incremental import forgetting
 from classlab.models import build_classifier
-from classlab.protocols.incremental import TaskContext, _describe_init, _Fn, _first_task_epochs, resolve_learner
+from classlab.protocols.runner import ProtocolRun, describe_init
 
 KIND = "multilabel"
 F1_THRESHOLD = 0.8  # sigmoid threshold of CF1/OF1, as in the MULTI-LANE and KRT evaluations
@@ -146,6 +145,88 @@ def _init_backbone(model, init: Path) -> dict:
     return meta
 
 
+class MultilabelRun(ProtocolRun):
+    kind = KIND
+
+    def __init__(self, method, data_dir, scenario_path, scenes, backbone, seed, ckpt_dir, eval_dir, **kwargs):
+        super().__init__(method, data_dir, backbone, seed, ckpt_dir, eval_dir, **kwargs)
+        self.scenario_path, self.scenes = Path(scenario_path), dict(scenes or {})
+        self.scenario = ClassIncrementalScenario.load(self.scenario_path)
+        if self.scenario.test_indices is not None:
+            # the scene recipe (n_test) sizes the multi-label test set; the scenario's single-label
+            # evaluation subset does not apply to scenes
+            print("note: scenario.test_samples_per_class is not used by the multi-label protocol "
+                  "(the scenes recipe's n_test sizes its test set)", flush=True)
+        if self.scenario.kind != "class_incremental":
+            raise ScenarioError(f"scenario.kind: the multi-label protocol takes its class order and tasks from a "
+                                f"class_incremental scenario, not {self.scenario.kind!r}")
+
+    @property
+    def num_tasks(self) -> int:
+        return self.scenario.num_tasks
+
+    def fingerprint_parts(self) -> dict:
+        return {"scenario": file_digest(self.scenario_path), "scenes": self.scenes}
+
+    def setup(self) -> None:
+        data = load_prepared(self.data_dir)
+        self.manifest = data.manifest
+        self.train, self.test, self.scene_manifest = scenes_from_prepared(data, self.scenes)
+        self.mean, self.std = self.scene_manifest["channel_mean"], self.scene_manifest["channel_std"]
+        model = build_classifier(self.backbone, int(self.train.x.shape[1]), self.scenario.num_classes,
+                                 img_size=int(self.train.x.shape[2]), backbone_kwargs=self.backbone_kwargs)
+        self.init_meta = _init_backbone(model, self.init) if self.init is not None else {}
+        self.learner = self.learner_cls(model, self.hparams, self.scenario.num_classes).to(self.device)
+
+    def begin_task(self, t: int) -> None:
+        task = self.scenario.tasks[t]
+        self.learner.begin_task(t, task.classes, task.test_classes)
+
+    def train_loader(self, t: int, trainer):
+        # in task t only task t's classes are annotated; a scene belongs to the task if it has one
+        self.task_idx, self.task_y = task_annotations(self.train.y, self.scenario.tasks[t].classes)
+        self.task_train_samples = len(self.task_idx)
+        if not len(self.task_idx):
+            return None
+        return trainer.make_loader(self.train.x, self.task_y, self.mean, self.std, self.task_idx)
+
+    def context(self, t: int) -> TaskContext:
+        task = self.scenario.tasks[t]
+        idx, y_task = task_annotations(self.train.y, task.classes)
+        x = self.train.x
+        return TaskContext(t, task.classes, task.test_classes, x, y_task, idx, None,
+                           self.embed_fn(x, self.mean, self.std, self.learner.features),
+                           self.embed_fn(x, self.mean, self.std, self.learner.predict), self.device,
+                           self.mean, self.std)
+
+    def evaluate_task(self, t: int) -> dict:
+        # the test scenes with at least one seen class, labels of the seen classes
+        task = self.scenario.tasks[t]
+        test_idx, y_seen = task_annotations(self.test.y, task.test_classes)
+        logits = self.predict_masked(self.test.x[test_idx], self.mean, self.std)
+        targets = y_seen[test_idx].to(torch.uint8)
+        self.outputs[f"logits_task{t}"] = logits.numpy().astype(np.float32)
+        self.outputs[f"targets_task{t}"] = targets.numpy()
+        self.outputs[f"index_task{t}"] = test_idx.numpy()
+        task_map = mean_average_precision(targets.numpy(), logits.numpy(), task.test_classes)
+        print(f"task {t}: mAP over {len(task.test_classes)} seen classes {task_map:.4f}", flush=True)
+        return {"classes": task.classes, "test_samples": int(len(test_idx)), "map": task_map}
+
+    def meta(self) -> dict:
+        s = self.scenario
+        return {"method": self.method, "family": "incremental", "seed": self.seed, "backbone": self.backbone,
+                "dataset": s.dataset, "scenario": f"ML-{s.params.get('name', s.kind)}",
+                "scenario_kind": KIND, "hparams": json.dumps(self.hparams, sort_keys=True),
+                "init": str(self.init) if self.init else "", "init_kind": describe_init(self.init_meta),
+                "init_classes": self.init_meta.get("hparams", "") if self.init_meta else "",
+                "class_order": s.class_order, "class_order_seed": s.class_order_seed,
+                "task_classes": [t.classes for t in s.tasks], "scenes": self.scene_manifest["recipe"],
+                "canvas": self.scene_manifest["canvas"]}
+
+    def finish(self, meta: dict) -> None:
+        write_json(self.eval_dir / "scenes.json", self.scene_manifest)
+
+
 def run_multilabel(method: str, data_dir: Path, scenario_path: Path, scenes: dict | None, backbone: str, seed: int,
                    ckpt_dir: Path, eval_dir: Path, overrides: dict | None = None, init: Path | None = None,
                    backbone_kwargs: dict | None = None, threads: int | None = None, device: str | None = None,
@@ -159,103 +240,9 @@ def run_multilabel(method: str, data_dir: Path, scenario_path: Path, scenes: dic
     ones -inf; ``targets_task<t>`` multi-hot over the seen classes; ``index_task<t>``, the test
     scenes evaluated) plus ``eval_dir/scenes.json`` (the scene manifest with its recipe).
     """
-    set_threads(threads)
-    seed_everything(seed)
-    scenario = ClassIncrementalScenario.load(scenario_path)
-    if scenario.test_indices is not None:
-        # the scene recipe (n_test) sizes the multi-label test set; the scenario's single-label
-        # evaluation subset does not apply to scenes
-        print("note: scenario.test_samples_per_class is not used by the multi-label protocol "
-              "(the scenes recipe's n_test sizes its test set)", flush=True)
-    if scenario.kind != "class_incremental":
-        raise ScenarioError(f"scenario.kind: the multi-label protocol takes its class order and tasks from a "
-                            f"class_incremental scenario, not {scenario.kind!r}")
-    hparams, learner_cls = resolve_learner(method, KIND, backbone, overrides)
-    data = load_prepared(data_dir)
-    train, test, scene_manifest = scenes_from_prepared(data, scenes)
-    mean, std = scene_manifest["channel_mean"], scene_manifest["channel_std"]
-    dev = pick_device(device)
-    ckpt_dir, eval_dir = Path(ckpt_dir), Path(eval_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-
-    model = build_classifier(backbone, int(train.x.shape[1]), scenario.num_classes, img_size=int(train.x.shape[2]),
-                             backbone_kwargs=backbone_kwargs or {})
-    init_meta = _init_backbone(model, Path(init)) if init is not None else {}
-    learner = learner_cls(model, hparams, scenario.num_classes).to(dev)
-
-    outputs: dict[str, np.ndarray] = {}
-    history: list[dict] = []
-    start = sum(1 for t in range(scenario.num_tasks) if (ckpt_dir / f"task{t}.pt").exists())
-    for t in range(start):  # resume: replay the structure, then load the last task checkpoint
-        learner.begin_task(t, scenario.tasks[t].classes, scenario.tasks[t].test_classes)
-    if start:
-        state = load_checkpoint(ckpt_dir / f"task{start - 1}.pt", map_location=dev)
-        learner.load_state_dict(state["learner"])
-        history = list(state["history"])
-        outputs = {k: v.numpy() for k, v in state["outputs"].items()}
-
-    for t in range(start, scenario.num_tasks):
-        task = scenario.tasks[t]
-        t0 = time.perf_counter()
-        # in task t only task t's classes are annotated; a scene belongs to the task if it has one
-        train_idx, y_task = task_annotations(train.y, task.classes)
-        learner.begin_task(t, task.classes, task.test_classes)
-        hp_t = _first_task_epochs(hparams, t)
-        learner.hparams = hp_t
-        trainer = Trainer(learner, TrainConfig.from_hparams(hp_t), dev, seed * 1000 + t, ckpt_dir / f"task{t}_last.pt",
-                          progress)
-        if len(train_idx):
-            trainer.fit(trainer.make_loader(train.x, y_task, mean, std, train_idx))
-
-        def features_of(indices: torch.Tensor, fn) -> torch.Tensor:
-            learner.eval()
-            return predict_logits(_Fn(fn), train.x[indices], mean, std, dev).float()
-
-        context = TaskContext(t, task.classes, task.test_classes, train.x, y_task, train_idx, None,
-                              lambda idx: features_of(idx, learner.features),
-                              lambda idx: features_of(idx, learner.predict), dev)
-        learner.end_task(t, context)
-
-        # evaluate on the test scenes with at least one seen class, labels of the seen classes
-        test_idx, y_seen = task_annotations(test.y, task.test_classes)
-        learner.eval()
-        logits = predict_logits(_Fn(learner.predict), test.x[test_idx], mean, std, dev)
-        logits = logits.masked_fill(~learner.seen_mask.cpu(), float("-inf"))
-        targets = y_seen[test_idx].to(torch.uint8)
-        outputs[f"logits_task{t}"] = logits.numpy().astype(np.float32)
-        outputs[f"targets_task{t}"] = targets.numpy()
-        outputs[f"index_task{t}"] = test_idx.numpy()
-        task_map = mean_average_precision(targets.numpy(), logits.numpy(), task.test_classes)
-        history.append({"task": t, "classes": task.classes, "train_samples": int(len(train_idx)),
-                        "test_samples": int(len(test_idx)), "map": task_map,
-                        "seconds": time.perf_counter() - t0,
-                        "images_per_s": float(len(train_idx) * trainer.config.epochs
-                                              / max(time.perf_counter() - t0, 1e-9)),
-                        "epochs": trainer.history})
-        print(f"task {t}: mAP over {len(task.test_classes)} seen classes {task_map:.4f}", flush=True)
-        save_checkpoint({"learner": learner.state_dict(), "history": history,
-                         "outputs": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in outputs.items()}},
-                        ckpt_dir / f"task{t}.pt")
-        (ckpt_dir / f"task{t}_last.pt").unlink(missing_ok=True)
-
-    meta = {"method": method, "family": "incremental", "seed": seed, "backbone": backbone,
-            "dataset": scenario.dataset, "scenario": f"ML-{scenario.params.get('name', scenario.kind)}",
-            "scenario_kind": KIND, "hparams": json.dumps(hparams, sort_keys=True),
-            "init": str(init) if init else "", "init_kind": _describe_init(init_meta),
-            "init_classes": init_meta.get("hparams", "") if init_meta else "",
-            "class_order": scenario.class_order, "class_order_seed": scenario.class_order_seed,
-            "task_classes": [t.classes for t in scenario.tasks], "scenes": scene_manifest["recipe"],
-            "canvas": scene_manifest["canvas"]}
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(eval_dir / "predictions.npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **outputs)
-    write_json(eval_dir / "scenes.json", scene_manifest)
-    write_json(ckpt_dir / "history.json", {"meta": meta, "tasks": history})
-    save_checkpoint({"learner": learner.state_dict(), "meta": dict(meta)}, ckpt_dir / "model.pt")
-    for t in range(scenario.num_tasks):
-        (ckpt_dir / f"task{t}.pt").unlink(missing_ok=True)
-    return {"history": history, "meta": meta}
+    return MultilabelRun(method, data_dir, scenario_path, scenes, backbone, seed, ckpt_dir, eval_dir,
+                         overrides=overrides, init=init, backbone_kwargs=backbone_kwargs, threads=threads,
+                         device=device, progress=progress).run()
 
 
 def evaluate_multilabel(predictions: Path, history: Path, out: Path) -> dict:
@@ -268,6 +255,7 @@ def evaluate_multilabel(predictions: Path, history: Path, out: Path) -> dict:
     metrics = summarize_multilabel(steps, task_classes, indices)
     metrics.update({k: meta[k] for k in ("dataset", "method", "seed", "backbone", "scenario", "scenario_kind",
                                          "init", "scenes", "task_classes")})
+    metrics.update({k: meta[k] for k in ("provenance", "train_steps", "batch_size") if k in meta})
     metrics["init_kind"] = meta.get("init_kind", "scratch")
     write_json(out, metrics)
     return metrics
