@@ -8,6 +8,7 @@ file written last tells a complete build from one that was interrupted.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import shutil
 import subprocess
@@ -15,7 +16,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-SHARED = Path(tempfile.gettempdir()) / "classlab-test-shared-v1"
+def _code_digest() -> str:
+    """The cache is keyed by the code that builds it (data layer, engine, models, training): a
+    change there builds fresh inputs instead of reusing ones made by older code."""
+    src = Path(__file__).resolve().parents[1] / "src" / "classlab"
+    digest = hashlib.sha256()
+    for path in sorted([*src.glob("data/*.py"), *src.glob("engine/*.py"), *src.glob("models/*.py"),
+                        *src.glob("methods/pretrain/*.py"), src / "methods" / "base.py", src / "train.py",
+                        Path(__file__)]):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+SHARED = Path(tempfile.gettempdir()) / f"classlab-test-shared-{_code_digest()}"
 SCENARIOS = {
     "digits_b0inc2": {"kind": "class_incremental", "initial": 0, "increment": 2},
     "digits_b4inc2": {"kind": "class_incremental", "initial": 4, "increment": 2},

@@ -117,8 +117,10 @@ def test_mnist_through_loopback_server(http_root, tmp_path):
     assert splits.train_x.shape == (6, 1, 28, 28) and splits.test_y.shape == (4,)
 
 
-@pytest.mark.skipif(not Path(FASHION_MNIST_MIRROR).is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_fashion_mnist_debian_mirror_verifies_by_payload(tmp_path):
+    from tests.conftest import require_system_dependency
+
+    require_system_dependency(Path(FASHION_MNIST_MIRROR).is_dir(), "Debian's dataset-fashion-mnist")
     spec = get_dataset("fashion_mnist")
     raw = tmp_path / "raw"
     spec.download(raw)

@@ -4,7 +4,7 @@ import os
 import pandas as pd
 import pytest
 
-from tests.conftest import copy_repo, planned_jobs, snakemake
+from tests.conftest import copy_repo, planned_jobs, require_system_dependency, snakemake
 from tests.slurm_cluster import LocalSlurm, missing_requirements
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -13,8 +13,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     why = missing_requirements()
-    if why:
-        pytest.skip(why)
+    require_system_dependency(not why, f"a local SLURM cluster ({why})")
     slurm = LocalSlurm(tmp_path_factory.mktemp("slurm"))
     try:
         slurm.start()

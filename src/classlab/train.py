@@ -134,7 +134,8 @@ def _init_head(model, source, source_meta: dict, meta: dict, how: str) -> str:
 
 def evaluate(model_path: Path, data_dir: Path, out_dir: Path, device: str | None = None,
              threads: int | None = None) -> dict:
-    """Save test-set ``predictions.npz`` (logits, labels) and ``metrics.json``."""
+    """Save test-set ``predictions.npz`` (logits, labels) and ``metrics.json`` (test metrics, plus
+    ``val_top1`` / ``val_nll`` on the validation split held out by ``prepare``, for model selection)."""
     set_threads(threads)
     model, meta = load_model(model_path)
     data = load_prepared(data_dir)
@@ -146,6 +147,11 @@ def evaluate(model_path: Path, data_dir: Path, out_dir: Path, device: str | None
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, logits=logits.astype(np.float32), labels=labels)
     metrics = summarize_classification(logits, labels, int(meta["num_classes"]))
+    if len(data.val):
+        # the held-out validation split: every choice of epochs, rates and options is read here
+        val_logits = predict_logits(model, data.val.x, meta["channel_mean"], meta["channel_std"], dev).numpy()
+        val = summarize_classification(val_logits, data.val.y.numpy(), int(meta["num_classes"]))
+        metrics.update({"val_top1": val["top1"], "val_nll": val["nll"], "val_n": val["n"]})
     metrics.update({k: meta[k] for k in ("dataset", "family", "method", "seed", "backbone")})
     metrics.update({k: meta[k] for k in ("train_steps", "batch_size") if k in meta})
     metrics["provenance"] = run_provenance()

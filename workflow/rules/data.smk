@@ -21,6 +21,7 @@ rule prepare_dataset:
     output:
         manifest="data/prepared/{dataset}/manifest.json",
         train="data/prepared/{dataset}/train.pt",
+        val="data/prepared/{dataset}/val.pt",
         test="data/prepared/{dataset}/test.pt",
     log:
         "logs/prepare_dataset/{dataset}.log",
