@@ -35,8 +35,8 @@ system-deps:
 
 run: setup
 	$(SNAKEMAKE) --cores $(CORES) --workflow-profile workflow/profiles/default
-	$(SNAKEMAKE) --cores 1 --report results/report.html
-	@echo "report: $(CURDIR)/results/report.html"
+	$(SNAKEMAKE) --cores 1 --report results/report.html --report-metadata results/report_metadata.yaml
+	@echo "report: $(CURDIR)/results/report.html (opens on the claims' verdicts across families)"
 
 test: setup
 	$(BIN)/python -m pytest -q -ra tests

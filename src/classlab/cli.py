@@ -51,21 +51,25 @@ def _evaluate(a):
 
 def _aggregate(a):
     from classlab.io import write_text
-    from classlab.report.claims import evaluate_claims
+    from classlab.report.claims import evaluate_claims, load_claims
     from classlab.report.tables import collect_runs, write_tables
 
+    claims = load_claims(a.claims_dir)  # first: a malformed claims file fails before any table is written
     write_tables(a.metrics, Path(a.runs_csv), Path(a.summary_csv), Path(a.summary_md))
-    claims = evaluate_claims(collect_runs(a.metrics), a.family)
-    write_text(a.claims_csv, claims.to_csv(index=False))
+    table = evaluate_claims(collect_runs(a.metrics), a.family, claims=claims)
+    write_text(a.claims_csv, table.to_csv(index=False))
 
 
 def _merge_claims(a):
-    import pandas as pd
-
     from classlab.io import write_text
+    from classlab.report.verdicts import merge_claim_tables, verdicts_html, write_metadata
 
-    frames = [pd.read_csv(p) for p in a.inputs]
-    write_text(a.out, pd.concat(frames, ignore_index=True).to_csv(index=False))
+    claims = merge_claim_tables(a.inputs)
+    write_text(a.out, claims.to_csv(index=False))
+    if a.verdicts_html:
+        write_text(a.verdicts_html, verdicts_html(claims))
+    if a.report_metadata:
+        write_metadata(a.report_metadata, claims)
 
 
 def _figures(a):
@@ -151,10 +155,12 @@ def _evaluate_incremental(a):
 
 def _aggregate_incremental(a):
     from classlab.io import write_text
+    from classlab.report.claims import load_claims
     from classlab.report.incremental import incremental_claims, write_incremental_tables
 
+    claims = load_claims(a.claims_dir)  # first: a malformed claims file fails before any table is written
     runs = write_incremental_tables(a.metrics, Path(a.runs_csv), Path(a.summary_csv), Path(a.summary_md))
-    write_text(a.claims_csv, incremental_claims(runs).to_csv(index=False))
+    write_text(a.claims_csv, incremental_claims(runs, claims).to_csv(index=False))
 
 
 def _figures_incremental(a):
@@ -244,11 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summary-csv", required=True)
     p.add_argument("--summary-md", required=True)
     p.add_argument("--claims-csv", required=True)
+    p.add_argument("--claims-dir", default=None, help="directory of <family>.yaml claims (default: config/claims)")
     p.set_defaults(func=_aggregate)
 
-    p = sub.add_parser("merge-claims", help="one claims table from every family's")
+    p = sub.add_parser("merge-claims", help="one claims table from every family's, and the report's first screen")
     p.add_argument("--inputs", nargs="+", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--verdicts-html", default=None,
+                   help="write the verdicts across families as an HTML fragment (the report's first screen)")
+    p.add_argument("--report-metadata", default=None,
+                   help="write the verdict counts as YAML for snakemake --report-metadata")
     p.set_defaults(func=_merge_claims)
 
     p = sub.add_parser("figures", help="figures of one family on one dataset")
@@ -300,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summary-csv", required=True)
     p.add_argument("--summary-md", required=True)
     p.add_argument("--claims-csv", required=True)
+    p.add_argument("--claims-dir", default=None, help="directory of <family>.yaml claims (default: config/claims)")
     p.set_defaults(func=_aggregate_incremental)
 
     p = sub.add_parser("figures-incremental", help="accuracy curves and accuracy-matrix heat maps")

@@ -13,7 +13,7 @@ import pandas as pd  # noqa: E402
 from classlab.io import read_json  # noqa: E402
 from classlab.report.claims import evaluate_claims  # noqa: E402
 from classlab.report.figures import _save  # noqa: E402
-from classlab.report.tables import write_table_set  # noqa: E402
+from classlab.report.tables import run_fields, with_integer_budgets, write_table_set  # noqa: E402
 
 SCALARS = ("last_accuracy", "average_incremental_accuracy", "forgetting", "forgetting_initial",
            "backward_transfer", "last_accuracy_class_balanced", "average_incremental_accuracy_class_balanced",
@@ -31,10 +31,10 @@ def collect(metric_files: list[str | Path]) -> pd.DataFrame:
         if "final_map" in m:  # multi-label runs report mAP (protocols/multilabel.py)
             m["mean_average_precision"] = m["final_map"]
         rows.append({**{k: m[k] for k in KEYS}, "seed": int(m["seed"]), "init_kind": m.get("init_kind", "scratch"),
-                     **{k: float(m[k]) for k in SCALARS if m.get(k) is not None}})
+                     **{k: float(m[k]) for k in SCALARS if m.get(k) is not None}, **run_fields(m)})
     if not rows:
         raise ValueError("no metrics files to aggregate")
-    return pd.DataFrame(rows).sort_values(KEYS + ["seed"]).reset_index(drop=True)
+    return with_integer_budgets(pd.DataFrame(rows).sort_values(KEYS + ["seed"]).reset_index(drop=True))
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
@@ -81,8 +81,10 @@ def write_incremental_tables(metric_files, runs_csv: Path, summary_csv: Path, su
     return runs
 
 
-def incremental_claims(runs: pd.DataFrame) -> pd.DataFrame:
-    return evaluate_claims(runs, "incremental", group_by=("dataset", "backbone", "scenario"))
+def incremental_claims(runs: pd.DataFrame, claims=None) -> pd.DataFrame:
+    """The family's claims (config/claims/incremental.yaml unless ``claims`` is given), one row per
+    dataset x backbone x scenario that ran both arms."""
+    return evaluate_claims(runs, "incremental", group_by=("dataset", "backbone", "scenario"), claims=claims)
 
 
 def accuracy_curves(metric_files: list[Path], out: Path) -> None:

@@ -8,6 +8,36 @@ import pandas as pd
 from classlab.io import read_json, write_text
 
 SCALARS = ("top1", "balanced_top1", "nll", "ece_15", "ece_10_x100")
+# what a run records beside its metrics, where it does: its training budget and its provenance
+RUN_FIELDS = ("train_steps", "batch_size", "git_commit", "command")
+
+
+def run_fields(metrics: dict) -> dict:
+    """The budget (``train_steps``: optimizer steps, ``batch_size``) and provenance (``git_commit``,
+    ``command``, from ``metrics["provenance"]``) that a run's metrics.json records; absent ones are
+    left out, so older runs give empty cells, not errors."""
+    out = {}
+    for key in ("train_steps", "batch_size"):
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = int(value) if float(value).is_integer() else float(value)
+    provenance = metrics.get("provenance")
+    provenance = provenance if isinstance(provenance, dict) else {}
+    for key in ("git_commit", "command"):
+        value = provenance.get(key, metrics.get(key))
+        if isinstance(value, str) and value:
+            out[key] = value
+    return out
+
+
+def with_integer_budgets(runs: pd.DataFrame) -> pd.DataFrame:
+    """Budget columns as nullable integers, so a CSV says 36, not 36.0, when some runs lack them."""
+    for key in ("train_steps", "batch_size"):
+        if key in runs.columns:
+            values = pd.to_numeric(runs[key], errors="coerce")
+            if (values.dropna() % 1 == 0).all():
+                runs[key] = values.astype("Int64")
+    return runs
 
 
 def collect_runs(metric_files: list[str | Path]) -> pd.DataFrame:
@@ -15,10 +45,11 @@ def collect_runs(metric_files: list[str | Path]) -> pd.DataFrame:
     for path in metric_files:
         m = read_json(path)
         rows.append({"dataset": m["dataset"], "backbone": m["backbone"], "method": m["method"],
-                     "seed": int(m["seed"]), **{k: float(m[k]) for k in SCALARS}})
+                     "seed": int(m["seed"]), **{k: float(m[k]) for k in SCALARS}, **run_fields(m)})
     if not rows:
         raise ValueError("no metrics files to aggregate")
-    return pd.DataFrame(rows).sort_values(["dataset", "backbone", "method", "seed"]).reset_index(drop=True)
+    runs = pd.DataFrame(rows).sort_values(["dataset", "backbone", "method", "seed"]).reset_index(drop=True)
+    return with_integer_budgets(runs)
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
