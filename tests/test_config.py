@@ -45,3 +45,209 @@ def test_snakemake_refuses_bad_config_before_any_job(tmp_path):
     assert proc.returncode != 0
     assert "epochz" in proc.stderr + proc.stdout
     assert not (work / "results").exists() and not (work / "data").exists()
+
+
+# --- parse-time checks of what used to surface only when a job ran ---------------------------
+
+def _raises(config, *needles):
+    with pytest.raises(ConfigError) as info:
+        validate_config(config)
+    for needle in needles:
+        assert needle in str(info.value), str(info.value)
+    return str(info.value)
+
+
+def test_validation_imports_neither_torch_nor_a_method_module():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, yaml\n"
+        "from classlab.config import ROOT, validate_config\n"
+        "for name in ('config.yaml', 'incremental_cpu.yaml'):\n"
+        "    validate_config(yaml.safe_load((ROOT / 'config' / name).read_text()))\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'timm', 'classlab.methods',"
+        " 'classlab.models', 'classlab.protocols', 'classlab.engine'))))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def _incremental_config():
+    config = copy.deepcopy(_smoke())
+    inc = config["families"]["incremental"]
+    inc["scenarios"]["blurry"] = {"kind": "si_blurry", "num_tasks": 3, "disjoint_class_ratio": 0.5,
+                                  "blurry_sample_ratio": 0.1}
+    inc["scenarios"]["fscil"] = {"kind": "few_shot", "base_classes": 4, "ways": 2, "shots": 5}
+    return config
+
+
+@pytest.mark.parametrize("mutate,key,kind", [
+    # MVP is online only; TEEN few-shot only; GS-LoRA forgets; MULTI-LANE is multi-label
+    (lambda inc: inc["runs"]["b0inc2"].append("mvp"), "families.incremental.runs.b0inc2[2]", "class_incremental"),
+    (lambda inc: inc["runs"].update(blurry=["finetune", "lwf"]), "families.incremental.runs.blurry[1]", "si_blurry"),
+    (lambda inc: inc["runs"].update(fscil=["teen", "gs_lora"]), "families.incremental.runs.fscil[1]", "few_shot"),
+    (lambda inc: inc.update(multilabel_runs={"b0inc2": ["multi_lane", "finetune"]}),
+     "families.incremental.multilabel_runs.b0inc2[1]", "multilabel"),
+    (lambda inc: inc.update(forgetting={"f": {"forget_tasks": [[0]], "methods": ["multi_lane"]}}),
+     "families.incremental.forgetting.f.methods[0]", "continual_forgetting"),
+])
+def test_a_method_on_a_scenario_kind_it_does_not_declare_fails_at_parse_time(mutate, key, kind):
+    config = _incremental_config()
+    mutate(config["families"]["incremental"])
+    message = _raises(config, f"config key {key}", f"not on {kind!r}", "scenario_kinds in config/methods/incremental/")
+    assert message.count("config key") == 1, message  # the methods that do run there pass
+
+
+def test_multilabel_runs_need_a_class_incremental_scenario():
+    config = _incremental_config()
+    config["families"]["incremental"]["multilabel_runs"] = {"fscil": ["multi_lane"]}
+    _raises(config, "config key families.incremental.multilabel_runs.fscil", "class_incremental scenario")
+
+
+def test_the_method_yaml_is_the_one_source_of_scenario_kinds(tmp_path, monkeypatch):
+    import shutil
+
+    import classlab.config as cfg
+    from classlab.methods.registry import get_method
+
+    sources = (ROOT / "src" / "classlab" / "methods" / "incremental").glob("*.py")
+    assert not [p.name for p in sources if "scenario_kinds =" in p.read_text()]  # no class attribute left
+    assert get_method("incremental", "teen").scenario_kinds == ("few_shot",)
+    assert get_method("incremental", "oneprompt").scenario_kinds == ("class_incremental", "few_shot")  # extends ovor
+    # an edit of the YAML is what the class (run time) and the config check (parse time) both see
+    shutil.copytree(ROOT / "config" / "methods", tmp_path / "methods")
+    lwf = tmp_path / "methods" / "incremental" / "lwf.yaml"
+    lwf.write_text(lwf.read_text().replace("scenario_kinds: [class_incremental, few_shot]", "scenario_kinds: [few_shot]"))
+    monkeypatch.setattr(cfg, "METHOD_CONFIGS", tmp_path / "methods")
+    try:
+        assert get_method("incremental", "lwf").scenario_kinds == ("few_shot",)
+        config = copy.deepcopy(_smoke())
+        config["families"]["incremental"]["runs"]["b0inc2"].append("lwf")
+        _raises(config, "config key families.incremental.runs.b0inc2[2]: lwf runs on ['few_shot']")
+        lwf.write_text(lwf.read_text().replace("scenario_kinds: [few_shot]\n", ""))
+        _raises(copy.deepcopy(config), "families.incremental.runs.b0inc2[2]", "declares no scenario_kinds")
+        lwf.write_text(lwf.read_text().replace("hparams:", "scenario_kinds: [class_incremental, offline]\nhparams:"))
+        _raises(copy.deepcopy(config), "families.incremental.runs.b0inc2[2]", "scenario_kinds: ['class_incremental', 'offline'] is not allowed")
+    finally:
+        monkeypatch.undo()
+        get_method("incremental", "lwf")  # back to the shipped declaration for later tests
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda c: c["families"]["incremental"]["overrides"]["finetune"].update(lr="fast"),
+     "config key families.incremental.overrides.finetune.lr: 'fast' is not of type 'number'"),
+    (lambda c: c["families"]["incremental"]["overrides"]["joint"].update(batch_size=0),
+     "config key families.incremental.overrides.joint.batch_size: 0 is less than the minimum of 1"),
+    (lambda c: c["families"]["incremental"]["overrides"]["joint"].update(epochs=2.5),
+     "config key families.incremental.overrides.joint.epochs: 2.5 is not of type 'integer'"),
+    (lambda c: c["families"]["supervised"]["overrides"]["erm"].update(schedule="cosin"),
+     "config key families.supervised.overrides.erm.schedule: 'cosin' is not one of"),
+    (lambda c: c["families"]["supervised"]["overrides"]["erm"].update(augment_hflip="no"),
+     "config key families.supervised.overrides.erm.augment_hflip: 'no' is not of type 'boolean'"),
+    (lambda c: c["pretrain"]["overrides"].update(momentum=1.5),
+     "config key pretrain.overrides.momentum: 1.5 is greater than the maximum of 1"),
+    (lambda c: c["pretrain"].update(backbone_overrides={"convnet": {"optimizer": "adamm"}}),
+     "config key pretrain.backbone_overrides.convnet.optimizer: 'adamm' is not one of"),
+    # a method's own declaration (ovor's prefixes are half key, half value)
+    (lambda c: c["families"]["incremental"].update(runs={"b0inc2": ["ovor"]}, overrides={"ovor": {"g_length": 5}}),
+     "config key families.incremental.overrides.ovor.g_length: 5 is not a multiple of 2"),
+    (lambda c: c["families"]["incremental"].update(runs={"b0inc2": ["ewc"]}, overrides={"ewc": {"fisher_alpha": "max"}}),
+     "config key families.incremental.overrides.ewc.fisher_alpha"),
+])
+def test_a_hyperparameter_of_the_wrong_type_or_range_fails_at_parse_time(mutate, needle):
+    config = copy.deepcopy(_smoke())
+    mutate(config)
+    _raises(config, needle, "(declared in config/methods/")
+
+
+def _method_yamls():
+    for path in sorted((ROOT / "config" / "methods").glob("*/*.yaml")):
+        if not path.name.startswith("_"):
+            yield path.parent.name, path.stem
+
+
+def test_every_hyperparameter_of_every_method_yaml_is_declared_and_its_default_validates():
+    import jsonschema
+
+    from classlab.config import check_hparams, hparam_schema, method_defaults
+
+    checked = 0
+    for family, method in _method_yamls():
+        for key, (fragment, where) in hparam_schema(family, method).items():
+            jsonschema.Draft202012Validator.check_schema(fragment)  # a well-formed declaration
+        assert check_hparams(family, method, method_defaults(family, method)) == [], (family, method)
+        checked += 1
+    assert checked >= 20
+
+
+def test_an_undeclared_or_invalid_default_names_its_file_and_key(tmp_path, monkeypatch):
+    import shutil
+
+    import classlab.config as cfg
+
+    shutil.copytree(ROOT / "config" / "methods", tmp_path / "methods")
+    joint = tmp_path / "methods" / "incremental" / "joint.yaml"
+    text = joint.read_text().replace("hparams:\n", "hparams:\n  new_knob: 3\n", 1).replace("  lr: 0.05", "  lr: -0.1")
+    joint.write_text(text)
+    monkeypatch.setattr(cfg, "METHOD_CONFIGS", tmp_path / "methods")
+    config = copy.deepcopy(_smoke())
+    del config["families"]["incremental"]["overrides"]["joint"]
+    _raises(config, "joint.yaml: hparams.new_knob: hyperparameter 'new_knob' of incremental/joint has no declared type",
+            "joint.yaml: hparams.lr: -0.1 is less than or equal to the minimum of 0")
+
+
+def test_declared_optimizers_and_schedules_exist_in_the_engine():
+    from timm.optim import list_optimizers
+
+    from classlab.config import hparam_schema
+    from classlab.engine.schedule import SCHEDULES
+
+    schema = hparam_schema("supervised", "erm")
+    assert set(schema["optimizer"][0]["enum"]) <= set(list_optimizers())
+    assert set(schema["schedule"][0]["enum"]) == set(SCHEDULES)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"convnet": {"widths": [16, 32], "pool_after": [0], "widht": 8}}, "config key backbone_kwargs.convnet.widht"),
+    ({"convnet": {"widths": [16, 0]}}, "config key backbone_kwargs.convnet.widths: 0 is less than the minimum of 1"),
+    ({"vit_tiny": {"depth": 2, "patch_size": 2}}, "config key backbone_kwargs.vit_tiny.patch_size"),
+    ({"vgg": {}}, "config key backbone_kwargs.vgg: 'vgg' is not a backbone"),
+])
+def test_unknown_backbone_kwargs_fail_at_parse_time(kwargs, needle):
+    config = copy.deepcopy(_smoke())
+    config["backbone_kwargs"] = kwargs
+    _raises(config, needle)
+
+
+def test_the_backbone_constructor_refuses_undeclared_kwargs_too():
+    from classlab.backbone_specs import BACKBONE_KWARGS
+    from classlab.models.backbones import BACKBONES, build_backbone
+
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    assert set(BACKBONE_KWARGS) == set(BACKBONES) == set(schema["properties"]["backbones"]["items"]["enum"])
+    build_backbone("convnet", 1, widths=[4], pool_after=[0])
+    with pytest.raises(ValueError, match="backbone_kwargs.convnet.widht"):
+        build_backbone("convnet", 1, widths=[4], widht=8)  # SmallConvNet would swallow it
+    with pytest.raises(ValueError, match="backbone_kwargs.vit_tiny.depht"):
+        build_backbone("vit_tiny", 1, img_size=8, depht=2)
+
+
+@pytest.mark.parametrize("links,cycle", [
+    ({"joint": "joint"}, "joint -> joint"),
+    ({"joint": "finetune", "finetune": "joint"}, "joint -> finetune -> joint"),
+    ({"joint": "lwf", "lwf": "finetune", "finetune": "joint"}, "joint -> lwf -> finetune -> joint"),
+])
+def test_an_extends_cycle_of_any_length_fails_naming_the_chain(tmp_path, monkeypatch, links, cycle):
+    import shutil
+
+    import classlab.config as cfg
+
+    shutil.copytree(ROOT / "config" / "methods", tmp_path / "methods")
+    for method, base in links.items():
+        path = tmp_path / "methods" / "incremental" / f"{method}.yaml"
+        path.write_text(path.read_text().replace("\nhparams:", f"\nextends: {base}\nhparams:", 1))
+    monkeypatch.setattr(cfg, "METHOD_CONFIGS", tmp_path / "methods")
+    config = copy.deepcopy(_smoke())
+    del config["families"]["incremental"]["overrides"]  # a cycle is found without any override too
+    _raises(config, "config key families.incremental", f"extends cycle {cycle}")

@@ -1,11 +1,29 @@
 """Config validation and hyperparameter resolution.
 
 A config is checked against ``workflow/schemas/config.schema.yaml`` and then against the
-method registry (method names, hyperparameter keys) before any job starts. Errors name the
-offending key and what is allowed.
+method YAMLs under ``config/methods/`` before any job starts: method names, which scenario kinds
+each method runs on, hyperparameter keys, types and ranges, backbone keywords, ``extends``
+chains, scenario shapes. Errors name the offending key and what is allowed.
+
+Everything here runs when the Snakefile is parsed, so this module imports neither torch nor any
+method module: method names are file names, and what a method accepts is data in its YAML.
+
+A method YAML (``config/methods/<family>/<method>.yaml``) has these top-level keys:
+
+- ``paper``: the paper the defaults come from;
+- ``extends``: another method of the family whose YAML this one starts from (a variant lists
+  only what differs; ``hparams``, ``schema`` and ``scenario_kinds`` are inherited);
+- ``scenario_kinds``: the scenario kinds the method runs on (incremental family); the learner
+  class takes its ``scenario_kinds`` from here when it is registered;
+- ``hparams``: the hyperparameters with the paper's defaults;
+- ``schema``: the type and range of each hyperparameter the method adds (a JSON Schema
+  fragment per key). Keys shared by many methods are declared once, in
+  ``config/methods/_schema.yaml`` (the engine's training keys, every family) and
+  ``config/methods/<family>/_schema.yaml`` (the family's).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +32,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 METHOD_CONFIGS = ROOT / "config" / "methods"
+METHOD_PACKAGES = Path(__file__).resolve().parent / "methods"
+SCHEMA_FILE = "_schema.yaml"  # the shared declarations: config/methods/_schema.yaml, config/methods/<family>/_schema.yaml
+
+METHOD_KEYS = ("paper", "extends", "scenario_kinds", "hparams", "schema")
+# the scenario kinds of the incremental family's protocols (the last two build their own scenario)
+SCENARIO_KINDS = ("class_incremental", "few_shot", "si_blurry", "multilabel", "continual_forgetting")
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class ConfigError(ValueError):
@@ -41,25 +67,117 @@ def _format_error(err) -> str:
     return f"config key {where}: {err.message}"
 
 
+def _rel(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+_YAML_CACHE: dict[str, tuple[int, int, Any]] = {}
+
+
+def _read_yaml(path: Path) -> Any:
+    """Parsed YAML, cached per (path, mtime, size): the Snakefile resolves the same files often."""
+    stat = os.stat(path)
+    key = str(path)
+    hit = _YAML_CACHE.get(key)
+    if hit is not None and hit[:2] == (stat.st_mtime_ns, stat.st_size):
+        return hit[2]
+    doc = yaml.load(Path(path).read_text(), Loader=_Loader)
+    _YAML_CACHE[key] = (stat.st_mtime_ns, stat.st_size, doc)
+    return doc
+
+
+# --- method names and method YAMLs -----------------------------------------------------------
+
+def method_modules(family: str) -> list[str]:
+    """The module names of a family's package: one module per method, named after it.
+
+    Read from the file system so that validating a config imports no method module (nor torch);
+    a test checks that every module registers exactly the method it is named after.
+    """
+    package = METHOD_PACKAGES / family
+    if not (package / "__init__.py").exists():
+        return []
+    return sorted(p.stem for p in package.glob("*.py") if not p.stem.startswith("_"))
+
+
+def list_methods(family: str) -> list[str]:
+    """The method names a config may use: the family's modules, and the YAML-only variants
+    (``config/methods/<family>/<name>.yaml`` with ``extends:``, run by the class of the method
+    they extend; ``classlab.methods.registry.get_method`` builds that class)."""
+    modules = method_modules(family)
+    if not modules:
+        return []
+    variants = []
+    for path in (METHOD_CONFIGS / family).glob("*.yaml"):
+        if path.stem.startswith("_") or path.stem in modules:
+            continue
+        doc = _read_yaml(path)
+        if isinstance(doc, dict) and doc.get("extends"):
+            variants.append(path.stem)
+    return sorted(modules + variants)
+
+
 def method_config_path(family: str, method: str) -> Path:
     return METHOD_CONFIGS / family / f"{method}.yaml"
 
 
+def method_spec(family: str, method: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The method's YAML with its ``extends`` chain resolved.
+
+    Returns ``hparams`` (defaults), ``origin`` (hyperparameter -> the file that set it),
+    ``schema`` (the method-level declarations of the chain), ``scenario_kinds`` (a tuple, or None
+    where no file of the chain declares it) and ``chain`` (method names, this one first).
+    """
+    path = method_config_path(family, method)
+    if method in _chain:
+        cycle = " -> ".join(_chain + (method,))
+        hint = " (extends names the method itself)" if len(_chain) == 1 else ""
+        raise ConfigError(f"{_rel(method_config_path(family, _chain[0]))}: extends cycle {cycle}{hint}")
+    if not path.exists():
+        if _chain:
+            raise ConfigError(f"{_rel(method_config_path(family, _chain[-1]))}: extends {method!r}, which has no "
+                              f"hyperparameter file {_rel(path)}")
+        raise ConfigError(f"no hyperparameter file {_rel(path)} for method {family}/{method}")
+    doc = _read_yaml(path) or {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{_rel(path)}: a mapping with keys {list(METHOD_KEYS)} expected")
+    unknown = sorted(set(doc) - set(METHOD_KEYS))
+    if unknown:
+        raise ConfigError(f"{_rel(path)}: unknown top-level key(s) {unknown}; allowed: {list(METHOD_KEYS)}")
+    if doc.get("extends"):
+        # an ablation or variant: another method's YAML of the same family, then its changes
+        spec = method_spec(family, str(doc["extends"]), _chain + (method,))
+        spec = {"hparams": dict(spec["hparams"]), "origin": dict(spec["origin"]), "schema": dict(spec["schema"]),
+                "scenario_kinds": spec["scenario_kinds"], "chain": [method] + spec["chain"]}
+    else:
+        spec = {"hparams": {}, "origin": {}, "schema": {}, "scenario_kinds": None, "chain": [method]}
+    for key, value in (doc.get("hparams") or {}).items():
+        spec["hparams"][key] = value
+        spec["origin"][key] = _rel(path)
+    own_schema = doc.get("schema") or {}
+    if not isinstance(own_schema, dict) or not all(isinstance(v, dict) for v in own_schema.values()):
+        raise ConfigError(f"{_rel(path)}: schema: a mapping of hyperparameter -> JSON Schema fragment expected")
+    spec["schema"].update(own_schema)
+    if "scenario_kinds" in doc:
+        kinds = doc["scenario_kinds"]
+        if not isinstance(kinds, list) or not kinds or any(k not in SCENARIO_KINDS for k in kinds):
+            raise ConfigError(f"{_rel(path)}: scenario_kinds: {kinds!r} is not allowed; give a non-empty list of "
+                              f"{list(SCENARIO_KINDS)}")
+        spec["scenario_kinds"] = tuple(kinds)
+    return spec
+
+
 def method_defaults(family: str, method: str) -> dict[str, Any]:
     """The method's hyperparameters with the paper's defaults, from config/methods/."""
-    path = method_config_path(family, method)
-    if not path.exists():
-        raise ConfigError(f"no hyperparameter file {path} for method {family}/{method}")
-    doc = yaml.safe_load(path.read_text()) or {}
-    hparams = {}
-    if doc.get("extends"):
-        # an ablation or variant: another method's defaults of the same family, then its changes
-        base = str(doc["extends"])
-        if base == method:
-            raise ConfigError(f"{path}: extends names the method itself")
-        hparams = method_defaults(family, base)
-    hparams.update(doc.get("hparams") or {})
-    return hparams
+    return dict(method_spec(family, method)["hparams"])
+
+
+def method_scenario_kinds(family: str, method: str) -> tuple[str, ...] | None:
+    """The scenario kinds the method's YAML (or one it extends) declares; None if none does."""
+    return method_spec(family, method)["scenario_kinds"]
 
 
 def resolve_hparams(family: str, method: str, overrides: dict | None) -> dict[str, Any]:
@@ -71,11 +189,125 @@ def resolve_hparams(family: str, method: str, overrides: dict | None) -> dict[st
     return hp
 
 
-def validate_config(config: dict) -> dict:
-    """Validate ``config`` in place (filling schema defaults) or raise ConfigError."""
+# --- hyperparameter types and ranges ---------------------------------------------------------
+
+def _shared_schema(path: Path) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    doc = _read_yaml(path) or {}
+    if not isinstance(doc, dict) or not all(isinstance(v, dict) for v in doc.values()):
+        raise ConfigError(f"{_rel(path)}: a mapping of hyperparameter -> JSON Schema fragment expected")
+    return doc
+
+
+def hparam_schema(family: str, method: str) -> dict[str, tuple[dict, str]]:
+    """Hyperparameter -> (JSON Schema fragment, the file that declares it): the engine's keys,
+    then the family's, then the method's own (a later declaration narrows an earlier one)."""
+    out: dict[str, tuple[dict, str]] = {}
+    for path in (METHOD_CONFIGS / SCHEMA_FILE, METHOD_CONFIGS / family / SCHEMA_FILE):
+        out.update({k: (v, _rel(path)) for k, v in _shared_schema(path).items()})
+    spec = method_spec(family, method)
+    # the method's declarations, attributed to the file of the chain that wrote them
+    for name in reversed(spec["chain"]):
+        doc = _read_yaml(method_config_path(family, name)) or {}
+        out.update({k: (v, _rel(method_config_path(family, name))) for k, v in (doc.get("schema") or {}).items()})
+    return out
+
+
+_VALIDATORS: dict[str, Any] = {}
+
+
+def _fragment_errors(fragment: dict, value: Any) -> list[str]:
+    import json
+
     import jsonschema
 
-    schema = yaml.safe_load(SCHEMA.read_text())
+    key = json.dumps(fragment, sort_keys=True, default=str)
+    validator = _VALIDATORS.get(key)
+    if validator is None:
+        validator = _VALIDATORS[key] = jsonschema.Draft202012Validator(fragment)
+    return [e.message for e in validator.iter_errors(value)]
+
+
+def check_hparams(family: str, method: str, hparams: dict, where: dict[str, str] | None = None) -> list[str]:
+    """Problems of ``hparams`` (a resolved set) against the declared types and ranges.
+
+    ``where`` maps a hyperparameter to the config key that set it (an override); the others are
+    reported at the YAML file and key that set their default. An undeclared hyperparameter is a
+    problem too: every hyperparameter has a declared type.
+    """
+    schema = hparam_schema(family, method)
+    origin = method_spec(family, method)["origin"]
+    where = where or {}
+    problems = []
+    for key, value in hparams.items():
+        at = f"config key {where[key]}" if key in where else f"{origin.get(key, _rel(method_config_path(family, method)))}: hparams.{key}"
+        if key not in schema:
+            problems.append(f"{at}: hyperparameter {key!r} of {family}/{method} has no declared type; declare it "
+                            f"under `schema:` in {_rel(method_config_path(family, method))} or in "
+                            f"{_rel(METHOD_CONFIGS / family / SCHEMA_FILE)}")
+            continue
+        fragment, declared_in = schema[key]
+        for message in _fragment_errors(fragment, value):
+            problems.append(f"{at}: {message} (declared in {declared_in})")
+    return problems
+
+
+def _check_method(family: str, method: str, overrides: dict | None, key_prefix: str,
+                  extra: list[tuple[dict, str]] = ()) -> list[str]:
+    """Resolve ``method`` with ``overrides`` (at config key ``key_prefix``) and further override
+    layers ``extra`` [(overrides, key prefix)], then check the result; problems name the key."""
+    try:
+        hp = method_defaults(family, method)
+    except ConfigError as exc:
+        return [f"config key {key_prefix}: {exc}"]
+    where = {}
+    problems = []
+    for layer, prefix in [(overrides or {}, key_prefix)] + list(extra):
+        for key, value in layer.items():
+            if key not in hp:
+                problems.append(f"config key {prefix}.{key}: unknown hyperparameter {key!r} for {family}/{method}; "
+                                f"known: {sorted(hp)}")
+                continue
+            hp[key] = value
+            where[key] = f"{prefix}.{key}"
+    try:
+        problems += check_hparams(family, method, hp, where)
+    except ConfigError as exc:
+        problems.append(f"config key {key_prefix}: {exc}")
+    return problems
+
+
+# --- the config ------------------------------------------------------------------------------
+
+def _check_backbone_kwargs(config: dict) -> list[str]:
+    from classlab.backbone_specs import BACKBONE_KWARGS
+
+    problems = []
+    for backbone, kwargs in config["backbone_kwargs"].items():
+        if backbone not in BACKBONE_KWARGS:
+            problems.append(f"config key backbone_kwargs.{backbone}: {backbone!r} is not a backbone; allowed values: "
+                            f"{sorted(BACKBONE_KWARGS)}")
+            continue
+        declared = BACKBONE_KWARGS[backbone]
+        for key, value in kwargs.items():
+            if key not in declared:
+                problems.append(f"config key backbone_kwargs.{backbone}.{key}: {backbone} accepts no keyword {key!r}; "
+                                f"allowed: {sorted(declared)} (src/classlab/backbone_specs.py)")
+                continue
+            for message in _fragment_errors(declared[key], value):
+                problems.append(f"config key backbone_kwargs.{backbone}.{key}: {message}")
+    return problems
+
+
+def validate_config(config: dict) -> dict:
+    """Validate ``config`` in place (filling schema defaults) or raise ConfigError.
+
+    Imports neither torch nor any method module (tested): it runs when the Snakefile is parsed.
+    """
+    import jsonschema
+
+    schema = _read_yaml(SCHEMA)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
@@ -85,15 +317,13 @@ def validate_config(config: dict) -> dict:
     config.setdefault("mirrors", {})
     config["pretrain"].setdefault("overrides", {})
     config["pretrain"].setdefault("backbone_overrides", {})
-    from classlab.methods.registry import list_methods
 
-    problems = []
-    try:
-        resolve_hparams("pretrain", config["pretrain"]["method"], config["pretrain"]["overrides"])
-        for backbone, overrides in config["pretrain"]["backbone_overrides"].items():
-            resolve_hparams("pretrain", config["pretrain"]["method"], overrides)
-    except ConfigError as exc:
-        problems.append(f"config key pretrain.overrides: {exc}")
+    problems = _check_backbone_kwargs(config)
+    pretrain = config["pretrain"]
+    problems += _check_method("pretrain", pretrain["method"], pretrain["overrides"], "pretrain.overrides")
+    for backbone, overrides in pretrain["backbone_overrides"].items():  # overrides, then the backbone's own
+        problems += _check_method("pretrain", pretrain["method"], pretrain["overrides"], "pretrain.overrides",
+                                  [(overrides, f"pretrain.backbone_overrides.{backbone}")])
     if "incremental" in config["families"]:
         problems += _validate_incremental(config)
     for family, spec in config["families"].items():
@@ -107,13 +337,12 @@ def validate_config(config: dict) -> dict:
             if method not in spec["methods"]:
                 problems.append(f"config key families.{family}.overrides.{method}: {method!r} is not in "
                                 f"families.{family}.methods {spec['methods']}")
-                continue
-            try:
-                resolve_hparams(family, method, overrides)
-            except ConfigError as exc:
-                problems.append(f"config key families.{family}.overrides.{method}: {exc}")
+        for method in spec["methods"]:
+            if method in known:
+                problems += _check_method(family, method, spec["overrides"].get(method),
+                                          f"families.{family}.overrides.{method}")
     if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        raise ConfigError("invalid config:\n  " + "\n  ".join(dict.fromkeys(problems)))
     return config
 
 
@@ -121,13 +350,24 @@ SCENARIO_PARAMS = {
     "class_incremental": {"initial", "increment", "samples_per_class", "test_samples_per_class"},
     "few_shot": {"base_classes", "ways", "shots", "samples_per_class", "test_samples_per_class"},
     "si_blurry": {"num_tasks", "disjoint_class_ratio", "blurry_sample_ratio", "samples_per_class",
-                  "test_samples_per_class"},
+                  "test_samples_per_class", "eval_period"},
 }
 
 
+def _kinds_problem(method: str, kinds: tuple[str, ...] | None, kind: str, key: str) -> str | None:
+    if kinds is None:
+        return (f"config key {key}: {_rel(method_config_path('incremental', method))} declares no scenario_kinds "
+                f"(nor does a method it extends); allowed values: {list(SCENARIO_KINDS)}")
+    if kind not in kinds:
+        return (f"config key {key}: {method} runs on {list(kinds)} (scenario_kinds in "
+                f"{_rel(method_config_path('incremental', method))}), not on {kind!r}")
+    return None
+
+
 def _validate_incremental(config: dict) -> list[str]:
-    """Scenario parameters against the datasets' class counts (a dry build), method names per
-    scenario, and memory budgets (at least one exemplar per class). Fills ``methods``."""
+    """Scenario parameters against the datasets' class counts (a dry build on synthetic labels),
+    method names and scenario kinds per run, and memory budgets (at least one exemplar per
+    class). Fills ``methods``. Imports numpy and the torch-free data modules only."""
     import numpy as np
 
     from classlab.data.registry import get_dataset
@@ -153,22 +393,49 @@ def _validate_incremental(config: dict) -> list[str]:
             except ScenarioError as exc:
                 problems.append(f"config key families.incremental.scenarios.{name} on {dataset}: {exc}")
 
-    spec.setdefault("forgetting", {})
+    known = list_methods("incremental")
     methods: list[str] = []
+
+    def use(method: str, key: str, kind: str) -> None:
+        """A method named at config ``key`` runs on a scenario of ``kind``."""
+        if method not in known:
+            problems.append(f"config key {key}: {method!r} is not a method of family 'incremental'; "
+                            f"allowed values: {known}")
+            return
+        try:
+            problem = _kinds_problem(method, method_scenario_kinds("incremental", method), kind, key)
+        except ConfigError as exc:
+            problem = f"config key {key}: {exc}"
+        if problem:
+            problems.append(problem)
+        if method not in methods:
+            methods.append(method)
+
+    spec.setdefault("forgetting", {})
     for name, forgetting in spec["forgetting"].items():
         for dataset in config["datasets"]:
             try:
                 validate_forget_tasks(forgetting["forget_tasks"], get_dataset(dataset).num_classes)
             except ScenarioError as exc:
                 problems.append(f"config key families.incremental.forgetting.{name} on {dataset}: {exc}")
-        methods += [m for m in forgetting["methods"] if m not in methods]
+        for i, method in enumerate(forgetting["methods"]):
+            use(method, f"families.incremental.forgetting.{name}.methods[{i}]", "continual_forgetting")
     spec.setdefault("multilabel_runs", {})
     spec.setdefault("scenes", {})
-    for name, run_methods in list(spec["runs"].items()) + list(spec["multilabel_runs"].items()):
-        if name not in spec["scenarios"]:
-            problems.append(f"config key families.incremental.runs.{name}: no such scenario; "
-                            f"allowed values: {sorted(spec['scenarios'])}")
-        methods += [m for m in run_methods if m not in methods]
+    for group, runs in (("runs", spec["runs"]), ("multilabel_runs", spec["multilabel_runs"])):
+        for name, run_methods in runs.items():
+            if name not in spec["scenarios"]:
+                problems.append(f"config key families.incremental.{group}.{name}: no such scenario; "
+                                f"allowed values: {sorted(spec['scenarios'])}")
+                continue
+            kind = spec["scenarios"][name]["kind"]
+            if group == "multilabel_runs":
+                if kind != "class_incremental":
+                    problems.append(f"config key families.incremental.multilabel_runs.{name}: the multi-label "
+                                    f"protocol takes its tasks from a class_incremental scenario, not {kind!r}")
+                kind = "multilabel"
+            for i, method in enumerate(run_methods):
+                use(method, f"families.incremental.{group}.{name}[{i}]", kind)
     spec["methods"] = methods
     spec.setdefault("overrides", {})
     largest = max(get_dataset(d).num_classes for d in config["datasets"])
@@ -177,7 +444,7 @@ def _validate_incremental(config: dict) -> list[str]:
             hp = resolve_hparams("incremental", method, spec["overrides"].get(method))
         except ConfigError:
             continue  # reported by the generic check
-        if "memory_size" in hp and int(hp["memory_size"]) < largest:
+        if "memory_size" in hp and isinstance(hp["memory_size"], int) and hp["memory_size"] < largest:
             problems.append(f"config key families.incremental.overrides.{method}.memory_size: {hp['memory_size']} "
                             f"is below one exemplar per class ({largest} classes)")
     return problems

@@ -81,6 +81,9 @@ def build_backbone(name: str, in_chans: int, pretrained: bool = False, img_size:
                    **kwargs) -> nn.Module:
     if name not in BACKBONES:
         raise KeyError(f"unknown backbone {name!r}; known: {sorted(BACKBONES)}")
+    from classlab.backbone_specs import check_backbone_kwargs
+
+    check_backbone_kwargs(name, kwargs)  # the declared keywords only (SmallConvNet would swallow any)
     if name == "vit_tiny" and img_size is not None:
         kwargs["img_size"] = img_size
     return BACKBONES[name](in_chans=in_chans, pretrained=pretrained, **kwargs)

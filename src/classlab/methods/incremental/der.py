@@ -58,7 +58,6 @@ def aux_targets(y: torch.Tensor, new_classes: torch.Tensor) -> torch.Tensor:
 @register_method("incremental", "der")
 class DER(IncrementalLearner):
     uses_memory = True
-    scenario_kinds = ("class_incremental", "few_shot")
 
     def __init__(self, model, hparams, num_classes):
         super().__init__(model, hparams, num_classes)

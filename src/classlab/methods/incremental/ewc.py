@@ -78,7 +78,6 @@ def empirical_fisher(model: torch.nn.Module, names: list[str], x: torch.Tensor, 
 
 @register_method("incremental", "ewc")
 class EWC(IncrementalLearner):
-    scenario_kinds = ("class_incremental", "few_shot")
 
     def __init__(self, model, hparams, num_classes):
         super().__init__(model, hparams, num_classes)

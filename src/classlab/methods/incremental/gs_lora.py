@@ -71,7 +71,6 @@ class GSLoRA(IncrementalLearner):
     all True (the model knows every class from the start).
     """
 
-    scenario_kinds = ("continual_forgetting",)
     uses_memory = True  # L_retain replays a small subset of the retained classes
 
     def __init__(self, model, hparams, num_classes):

@@ -58,7 +58,6 @@ def nme_logits(features: torch.Tensor, class_means: torch.Tensor) -> torch.Tenso
 @register_method("incremental", "icarl")
 class ICaRL(IncrementalLearner):
     uses_memory = True
-    scenario_kinds = ("class_incremental", "few_shot")
 
     def __init__(self, model, hparams, num_classes):
         super().__init__(model, hparams, num_classes)

@@ -14,7 +14,6 @@ from classlab.methods.learner import IncrementalLearner
 
 @register_method("incremental", "joint")
 class Joint(IncrementalLearner):
-    scenario_kinds = ("class_incremental", "few_shot")
 
     def training_indices(self, task, seen, memory):
         return seen  # every sample of every task so far

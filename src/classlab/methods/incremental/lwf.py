@@ -38,7 +38,6 @@ def kd_loss(logits: torch.Tensor, old_logits: torch.Tensor, T: float) -> torch.T
 
 @register_method("incremental", "lwf")
 class LwF(IncrementalLearner):
-    scenario_kinds = ("class_incremental", "few_shot")
 
     def __init__(self, model, hparams, num_classes):
         super().__init__(model, hparams, num_classes)

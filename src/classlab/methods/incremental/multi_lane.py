@@ -55,7 +55,6 @@ def _orthogonal(*shape: int) -> nn.Parameter:
 class MultiLane(IncrementalLearner):
     """Task-specific lanes of summary tokens and prefix prompts on a frozen ViT; BCE per task."""
 
-    scenario_kinds = ("multilabel",)
     shared_lane = False  # the shared-prompt baseline (shared_prompt.py) keeps one lane for all tasks
 
     def __init__(self, model, hparams, num_classes):

@@ -82,7 +82,6 @@ def cvpt_loss(query: torch.Tensor, keys: torch.Tensor, picked: torch.Tensor, mas
 class MVP(IncrementalLearner):
     """Frozen ViT + g-prompt + e-prompt pool with keys and per-key class masks; GSF + AFS + CVPT losses."""
 
-    scenario_kinds = ("si_blurry",)
 
     def __init__(self, model, hparams, num_classes):
         super().__init__(model, hparams, num_classes)

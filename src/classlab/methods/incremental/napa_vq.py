@@ -111,7 +111,6 @@ def dce_logits(d2: torch.Tensor, valid: torch.Tensor, temperature: float) -> tor
 @register_method("incremental", "napa_vq")
 class NapaVQ(IncrementalLearner):
     uses_memory = False
-    scenario_kinds = ("class_incremental", "few_shot")
 
     def __init__(self, model, hparams, num_classes):
         super().__init__(model, hparams, num_classes)

@@ -94,7 +94,6 @@ def vor_loss(id_logits: torch.Tensor, ood_logits: torch.Tensor, tau_id: float = 
 class OVOR(IncrementalLearner):
     """Frozen ViT + one shared prefix prompt + linear head; VOR on the head after each task."""
 
-    scenario_kinds = ("class_incremental", "few_shot")
 
     def __init__(self, model, hparams, num_classes):
         super().__init__(model, hparams, num_classes)

@@ -44,7 +44,6 @@ def class_radius(feats: torch.Tensor, labels: torch.Tensor) -> float:
 @register_method("incremental", "pass_protoaug")
 class PASSProtoAug(IncrementalLearner):
     uses_memory = False
-    scenario_kinds = ("class_incremental", "few_shot")
 
     def __init__(self, model, hparams, num_classes):
         super().__init__(model, hparams, num_classes)

@@ -83,7 +83,6 @@ def prototype_loss(feats: torch.Tensor, prototypes: torch.Tensor, labels: torch.
 class PRD(IncrementalLearner):
     uses_memory = False
     num_views = 2
-    scenario_kinds = ("class_incremental", "few_shot")
 
     def __init__(self, model, hparams, num_classes):
         super().__init__(model, hparams, num_classes)

@@ -43,7 +43,6 @@ def cosine_logits(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Ten
 class SimpleCIL(IncrementalLearner):
     """Frozen backbone, prototype classifier; trains only the few-shot base session (see module doc)."""
 
-    scenario_kinds = ("class_incremental", "few_shot")
 
     def __init__(self, model, hparams, num_classes):
         super().__init__(model, hparams, num_classes)

@@ -86,7 +86,6 @@ def logit_norm_loss(logits: torch.Tensor, targets: torch.Tensor, groups: list[to
 
 @register_method("incremental", "slca")
 class SLCA(IncrementalLearner):
-    scenario_kinds = ("class_incremental",)
 
     def __init__(self, model, hparams, num_classes):
         super().__init__(model, hparams, num_classes)

@@ -45,7 +45,6 @@ def teen_calibrate(new_protos: torch.Tensor, base_protos: torch.Tensor, alpha: f
 class TEEN(SimpleCIL):
     """SimpleCIL's base session and prototypes, plus TEEN's calibration of each session's new classes."""
 
-    scenario_kinds = ("few_shot",)
 
     def __init__(self, model, hparams, num_classes):
         super().__init__(model, hparams, num_classes)
