@@ -22,8 +22,27 @@ the start of the task, and D(h, P) = KL(softmax(P) || softmax(h)) as in the auth
 (``proto_distance: l2`` gives the squared Euclidean distance instead). ``prototype_reg: true``
 turns on GS-LoRA++'s L_pro: retained features are pulled to their prototypes, forgotten
 features pushed away from theirs.
+
+Batches, as in the official code (bjzhb666/GS-LoRA, ``engine_cl.train_one_epoch``): every step
+pairs one batch of the forget set with one batch of the retained replay, and L_forget and
+L_retain are the means over their own batch. ``training_sources`` names the two sources for the
+protocol's mixed loader (forget first, retain second; the batch's ``source`` tells them apart).
+Where the official code runs an epoch over the retain loader and cycles the forget loader, here
+the forget set defines the epoch and the small replay (``retain_per_class`` of each class)
+cycles, so that an epoch still passes over every forget sample. Each source's batch has
+``batch_size`` samples (the protocol's ``forget_batch_size`` / ``retain_batch_size`` default to
+it), 48 + 48 a step as the official ``-b 48`` for each loader. Without a ``source`` in the batch
+(one shuffled loader over both) the two are told apart by label.
+
+beta per task: the official continual script (``scripts/run_cl_forget.sh``) passes ``--beta``
+but its one-stage training (the default) uses ``cl_beta_list[task]`` instead: 0.2, 0.25, 0.25,
+0.25 for GS-LoRA on CASIA-100's four tasks (0.2 0.25 0.25 0.2 with GS-LoRA++'s prototypes;
+0.3 0.4 0.28 0.2 few-shot). ``beta_per_task`` holds that list; a task past its end uses its last
+entry; an empty list uses the constant ``beta``.
 """
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +51,7 @@ from classlab.methods.registry import register_method
 from classlab.methods.learner import IncrementalLearner
 
 ADAPTER = "default"
+SOURCES = ("forget", "retain")  # the order of training_sources: batch["source"] holds these positions
 # peft full-matches a regex against module names inside the backbone: the FFN linears of every block
 FFN_TARGETS = r"blocks\.\d+\.mlp\.fc[12]"
 
@@ -139,21 +159,42 @@ class GSLoRA(IncrementalLearner):
         for c in labels.unique():
             self.prototypes[c] = feats[labels == c].mean(0)
 
+    def training_sources(self, forget_idx: torch.Tensor, retained_idx: torch.Tensor,
+                         replay_idx: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        """One forget batch and one retain (replay) batch per step; the forget set defines the epoch."""
+        return OrderedDict([(SOURCES[0], forget_idx), (SOURCES[1], replay_idx)])
+
+    def task_beta(self) -> float:
+        """beta of the current task: ``beta_per_task[t]`` (its last entry past its end), else ``beta``."""
+        per_task = list(self.hparams.get("beta_per_task") or [])
+        if per_task:
+            return float(per_task[min(max(self.task_id, 0), len(per_task) - 1)])
+        return float(self.hparams["beta"])
+
+    def split_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boolean masks (forget, retain) over the batch: by ``batch["source"]`` when the loader
+        mixes sources, else by label (classes to forget now / classes never forgotten)."""
+        y = batch["y"]
+        if "source" in batch:
+            source = batch["source"].to(y.device)
+            return source == SOURCES.index("forget"), source == SOURCES.index("retain")
+        return self.new_mask[y], ~self.forgotten_mask[y]
+
     def training_step(self, batch):
         hp = self.hparams
         x, y = batch["x"], batch["y"]
         feats = self.model.features(x)
         logits = self.model.head(feats)
-        forget = self.new_mask[y]
-        retain = ~self.forgotten_mask[y]
+        forget, retain = self.split_batch(batch)
         zero = logits.sum() * 0.0
-        # L_retain = CE on the retained classes' replay
+        # L_retain = CE on the retained classes' replay batch
         l_retain = F.cross_entropy(logits[retain], y[retain]) if retain.any() else zero
-        # L_forget = max(0, BND - CE) on the classes to forget
+        # L_forget = max(0, BND - CE) on the forget batch
         l_forget = bounded_forgetting_loss(logits[forget], y[forget], float(hp["bound"])) if forget.any() else zero
         # L_structure = sum over blocks of ||LoRA parameters of the block||_2
         l_struct = group_sparse_norm(self.lora_groups())
-        loss = l_retain + float(hp["beta"]) * l_forget + float(hp["alpha"]) * l_struct
+        # L = L_retain + beta_t L_forget + alpha L_structure
+        loss = l_retain + self.task_beta() * l_forget + float(hp["alpha"]) * l_struct
         if hp.get("prototype_reg", False):
             kind = hp.get("proto_distance", "kl")
             # L_pro = w_r D(h(x_r), P_{y_r}) + w_f max(0, BND_pro - D(h(x_f), P_{y_f}))
@@ -163,4 +204,4 @@ class GSLoRA(IncrementalLearner):
             if forget.any():
                 loss = loss + float(hp["proto_forget_weight"]) * F.relu(
                     float(hp["proto_bound"]) - prototype_distance(feats[forget], self.prototypes[y[forget]], kind))
-        return loss, {"logits": logits.detach()}
+        return loss, {"logits": logits.detach(), "retain": l_retain.detach(), "forget": l_forget.detach()}

@@ -29,6 +29,10 @@ which raises the logits of ID features (E <= tau_id) and pushes those of the out
 (E >= tau_ood), tightening each task's decision boundary so that a task's head does not claim
 samples of other tasks' classes.
 
+``vor_lambda: 0`` keeps the same end-of-task phase (same epochs, batches, optimizer and schedule
+on the same fixed features) with the cross-entropy alone and synthesises no outliers: the
+``ovor_no_vor`` variant, the baseline that isolates what VOR adds at an equal step budget.
+
 Simplified here (and why):
 - the VOR phase runs in ``end_task`` with its own Adam optimizer on the head only (cosine from
   ``vor_lr`` to 0), on features computed once without augmentation; the paper continues one
@@ -171,18 +175,23 @@ class OVOR(IncrementalLearner):
         feats = context.embed(context.task_indices).float()
         labels = context.train_y[context.task_indices].to(device)
         gen = torch.Generator().manual_seed((self.run_seed * 1000 + task_id) % (2 ** 62))
-        oods = synthesize_outliers(feats.cpu(), len(context.new_classes), k=int(hp.get("vor_k", 50)),
-                                   select=int(hp.get("vor_select", 50)),
-                                   sample_from=int(hp.get("vor_sample_from", 600)),
-                                   sigma=float(hp.get("vor_sigma", 0.1)), per_class=int(hp.get("vor_per_class", 40)),
-                                   generator=gen).to(device)
+        if float(hp.get("vor_lambda", 0.1)) > 0:
+            oods = synthesize_outliers(feats.cpu(), len(context.new_classes), k=int(hp.get("vor_k", 50)),
+                                       select=int(hp.get("vor_select", 50)),
+                                       sample_from=int(hp.get("vor_sample_from", 600)),
+                                       sigma=float(hp.get("vor_sigma", 0.1)),
+                                       per_class=int(hp.get("vor_per_class", 40)), generator=gen).to(device)
+        else:  # cross-entropy only: no outliers are needed
+            oods = feats.new_zeros(0, feats.shape[1]).to(device)
         feats = feats.to(device)
         self.vor_fit(feats, labels, oods, epochs, gen)
 
     def vor_fit(self, feats: torch.Tensor, labels: torch.Tensor, oods: torch.Tensor, epochs: int,
                 gen: torch.Generator | None = None) -> list[float]:
-        """Train the head on fixed ID features and outliers with CE + VOR; returns the epoch losses."""
+        """Train the head on fixed ID features and outliers with CE + VOR (CE alone when
+        ``vor_lambda`` is 0; ``oods`` may then be empty); returns the epoch losses."""
         hp = self.hparams
+        lam = float(hp.get("vor_lambda", 0.1))
         head = self.model.head
         lr = float(hp.get("vor_lr", hp.get("lr", 1e-3)))
         opt = torch.optim.Adam(head.parameters(), lr=lr, betas=(float(hp.get("momentum", 0.9)), 0.999))
@@ -204,11 +213,13 @@ class OVOR(IncrementalLearner):
                     if len(idx) == 0:
                         continue
                     id_logits = self.task_logits(head(feats[idx]))
-                    ood_logits = head(oods[b * ood_bsz:(b + 1) * ood_bsz])[:, self.new_mask]
-                    # L = CE + lambda [Huber(ReLU(E(z) - tau_id)) + Huber(ReLU(tau_ood - E(v)))]
-                    loss = F.cross_entropy(id_logits, labels[idx]) + vor_loss(
-                        id_logits[:, self.new_mask], ood_logits, float(hp.get("vor_tau_id", -15.0)),
-                        float(hp.get("vor_tau_ood", -3.0)), float(hp.get("vor_lambda", 0.1)))
+                    loss = F.cross_entropy(id_logits, labels[idx])
+                    if lam > 0:
+                        ood_logits = head(oods[b * ood_bsz:(b + 1) * ood_bsz])[:, self.new_mask]
+                        # L = CE + lambda [Huber(ReLU(E(z) - tau_id)) + Huber(ReLU(tau_ood - E(v)))]
+                        loss = loss + vor_loss(id_logits[:, self.new_mask], ood_logits,
+                                               float(hp.get("vor_tau_id", -15.0)),
+                                               float(hp.get("vor_tau_ood", -3.0)), lam)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

@@ -22,12 +22,26 @@ seen classes is retrained on them with logit normalisation (temperature tau):
 The statistics of a class are computed once, with the backbone right after its task (the slow
 backbone drifts little), and kept as buffers [num_classes, D] and [num_classes, D, D].
 
-Adaptations, not in the paper: ``freeze_bn_stats`` keeps BatchNorm running statistics fixed
-during training (the paper's ViT has none; in a BN backbone they follow each new task at full
-speed whatever the learning rate, which defeats the slow learner and moves old classes' features
-away from their stored Gaussians). The official code also scales sampled means by a task-dependent
-factor and restores the pre-alignment head before the next task; neither is in the paper, so
-neither is done here: the next task starts from the aligned head.
+Switches (the paper's baselines are variants of this file, ``extends: slca`` in their YAMLs):
+
+- ``backbone_lr_scale``: the slow learner's multiplier. 1.0 trains every layer at the head's
+  (fast) learning rate: the paper's Seq FT, the same pipeline without the slow learner
+  (``slca_seqft``; the official code's ``bcb_lrscale``).
+- ``classifier_alignment``: false skips the alignment after each task (``slca_no_ca``: the slow
+  learner alone; ``slca_seqft``: neither). The class statistics are still stored.
+
+BatchNorm (``freeze_bn_stats``), an adaptation: the paper's backbones are ViTs, which have no
+BatchNorm, and the official code (GengDavid/SLCA, ``models/slca.py``) simply puts the network in
+training mode in every epoch of every task, so with a BN backbone its running statistics would
+follow every task. Here they are estimated in task 0 (from the initial values of a scratch
+backbone, or from the pretrained ones) and frozen from task 1 on: in later tasks the statistics
+would move at full speed whatever the learning rate, which defeats the slow learner and moves
+old classes' features away from their stored Gaussians. ``freeze_bn_stats: false`` follows the
+official code (statistics updated in every task).
+
+Not done: the official code also scales sampled means by a task-dependent factor and restores
+the pre-alignment head before the next task; neither is in the paper, so the next task starts
+from the aligned head.
 """
 from __future__ import annotations
 
@@ -102,7 +116,9 @@ class SLCA(IncrementalLearner):
         return slow_learner_groups(self.model, float(self.hparams["lr"]), float(self.hparams["backbone_lr_scale"]))
 
     def on_epoch_start(self, epoch: int) -> None:
-        if self.hparams.get("freeze_bn_stats", False):
+        # BN statistics are estimated in task 0 and frozen from task 1 on (the engine has just put
+        # the learner in training mode; eval mode makes BN use and keep its running statistics)
+        if self.hparams.get("freeze_bn_stats", False) and self.task_id > 0:
             for m in self.model.backbone.modules():
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                     m.eval()
@@ -119,7 +135,8 @@ class SLCA(IncrementalLearner):
         for c in context.new_classes:
             mu, cov = gaussian_statistics(feats[labels == c], eps)
             self.class_means[c], self.class_covs[c] = mu, cov
-        if task_id > 0 and int(self.hparams.get("ca_epochs", 0)) > 0:
+        align = self.hparams.get("classifier_alignment", True) and int(self.hparams.get("ca_epochs", 0)) > 0
+        if task_id > 0 and align:
             self.align_classifier(task_id)
 
     @torch.enable_grad()
