@@ -11,8 +11,9 @@ Kinds:
   ``ways`` new classes with ``shots`` training samples each (FSCIL; TEEN).
 - ``si_blurry``: Stochastic incremental Blurry boundaries (Moon et al., ICCV 2023 / MVP):
   ``disjoint_class_ratio`` of the classes appear in one task only; the others are "blurry":
-  ``blurry_sample_ratio`` of their samples are scattered into other tasks. Task sizes are
-  random (stochastic boundaries). Training is one online pass over the stream.
+  ``blurry_sample_ratio`` of their samples are scattered into other tasks. Task boundaries are
+  drawn with replacement, as in the official builder, so task sizes are random and a task may
+  be empty (stochastic boundaries). Training is one online pass over the stream.
 """
 from __future__ import annotations
 
@@ -160,51 +161,91 @@ def few_shot(dataset: str, train_labels: np.ndarray, num_classes: int, *, base_c
 def si_blurry(dataset: str, train_labels: np.ndarray, num_classes: int, *, num_tasks: int,
               disjoint_class_ratio: float, blurry_sample_ratio: float, seed: int,
               samples_per_class: int | None = None) -> ClassIncrementalScenario:
-    """Si-Blurry: random task sizes, disjoint and blurry classes, blurry samples scattered."""
+    """Si-Blurry (stochastic incremental blurry boundaries), built as the official builder does.
+
+    The official builder is ``OnlineSampler`` in ``utils/online_sampler.py`` of the Si-Blurry / MVP
+    code (github.com/KHU-AGI/Si-Blurry), with ``--rnd_NM`` (``varing_NM``), which its
+    ``scripts/mvp.sh`` passes. From one seeded generator it:
+
+    1. permutes the classes; the first N = floor(C * n%) are disjoint, the rest blurry;
+    2. splits the disjoint classes into T consecutive groups at T - 1 cut points drawn uniformly
+       from {0, ..., N - 1} WITH replacement and sorted (``randint(0, N, (T - 1,))``): equal cut
+       points give a task no disjoint class, so the number of classes per task varies and can be 0;
+    3. splits the blurry classes the same way, with their own cut points;
+    4. collects each task's samples of its disjoint and of its blurry classes;
+    5. takes K = floor(m% * number of blurry-class samples) and cuts K the same way (T - 1 points
+       from {0, ..., K - 1} with replacement): task t moves its first k_t = K_{t+1} - K_t blurry
+       samples (or all it has, if fewer) into a pool; the pool is shuffled and dealt back, k_t
+       samples to task t in task order, so blurry samples land in other tasks;
+    6. shuffles each task's disjoint + blurry samples: the task's stream.
+
+    Task sizes therefore vary, and a task can receive no new class and even no sample at all; the
+    manifest keeps such a task (``classes`` and ``train_indices`` empty), and the protocol runs it
+    as a task with nothing to learn.
+
+    Differences, stated: (a) the official code rounds N and C - N down to multiples of T, a
+    leftover of its fixed-split branch that drops the remaining classes from the stream; we keep
+    every class (the same result whenever both counts divide by T, as for CIFAR-100 N50 in 5
+    tasks and for our 10 classes in 5 tasks); (b) it takes a task's first k_t blurry samples in
+    dataset order, we shuffle them first (the same distribution for an unordered dataset);
+    (c) ``samples_per_class`` keeps a seeded subset of each class first (for CPU-budget runs).
+    A class belongs to the first task whose stream holds one of its samples (``Task.classes``).
+    """
     _check(num_tasks >= 2, "num_tasks", f"needs at least 2 tasks, got {num_tasks}")
     _check(num_tasks <= num_classes, "num_tasks", f"{num_tasks} tasks but only {num_classes} classes")
     _check(0.0 <= disjoint_class_ratio <= 1.0, "disjoint_class_ratio", "must lie in [0, 1]")
     _check(0.0 <= blurry_sample_ratio <= 1.0, "blurry_sample_ratio", "must lie in [0, 1]")
+    if samples_per_class is not None:
+        _check(samples_per_class >= 1, "samples_per_class", f"must be at least 1, got {samples_per_class}")
     rng = np.random.default_rng(seed)
     order = rng.permutation(num_classes).tolist()
-    n_disjoint = int(round(disjoint_class_ratio * num_classes))
+    n_disjoint = int(np.floor(disjoint_class_ratio * num_classes + 1e-9))
     disjoint, blurry = order[:n_disjoint], order[n_disjoint:]
 
-    def random_split(items: list[int]) -> list[list[int]]:
-        # stochastic boundaries: cut points drawn at random, every task may get a different count
-        if not items:
-            return [[] for _ in range(num_tasks)]
-        cuts = np.sort(rng.choice(np.arange(1, len(items)), size=min(num_tasks - 1, len(items) - 1), replace=False))
-        parts = [p.tolist() for p in np.split(np.array(items), cuts)]
-        return parts + [[] for _ in range(num_tasks - len(parts))]
+    def cut_points(n: int) -> list[int]:
+        # [0] + sorted(T - 1 draws from {0, ..., n - 1}, with replacement) + [n]: stochastic boundaries
+        if n == 0:
+            return [0] * (num_tasks + 1)
+        return [0] + np.sort(rng.integers(0, n, size=num_tasks - 1)).tolist() + [n]
 
-    disjoint_parts, blurry_parts = random_split(disjoint), random_split(blurry)
-    task_samples: list[list[int]] = [[] for _ in range(num_tasks)]
-    new_classes: list[list[int]] = [[] for _ in range(num_tasks)]
-    for t in range(num_tasks):
-        for c in disjoint_parts[t] + blurry_parts[t]:
-            idx = rng.permutation(np.flatnonzero(train_labels == c))
-            if samples_per_class:
-                idx = idx[:samples_per_class]
-            new_classes[t].append(int(c))
-            if c in blurry and num_tasks > 1:
-                n_out = int(round(blurry_sample_ratio * len(idx)))
-                others = [u for u in range(num_tasks) if u != t]
-                for i in idx[:n_out]:
-                    task_samples[int(rng.choice(others))].append(int(i))
-                idx = idx[n_out:]
-            task_samples[t].extend(int(i) for i in idx)
+    def split(items: list[int]) -> list[list[int]]:
+        cuts = cut_points(len(items))
+        return [items[cuts[t]:cuts[t + 1]] for t in range(num_tasks)]
+
+    disjoint_parts, blurry_parts = split(disjoint), split(blurry)
+
+    def class_samples(c: int) -> list[int]:
+        idx = np.flatnonzero(train_labels == c)
+        if samples_per_class:
+            idx = rng.permutation(idx)[:samples_per_class]
+        return [int(i) for i in idx]
+
+    disjoint_idx = [[i for c in disjoint_parts[t] for i in class_samples(c)] for t in range(num_tasks)]
+    blurry_idx = [rng.permutation(np.array([i for c in blurry_parts[t] for i in class_samples(c)],
+                                           dtype=np.int64)).tolist() for t in range(num_tasks)]
+    n_blurred = int(np.floor(blurry_sample_ratio * sum(len(b) for b in blurry_idx) + 1e-9))
+    if n_blurred > 0:
+        cuts = cut_points(n_blurred)
+        moved = [cuts[t + 1] - cuts[t] for t in range(num_tasks)]
+        pool: list[int] = []
+        for t in range(num_tasks):          # task t gives its first k_t blurry samples (all, if fewer)
+            pool += blurry_idx[t][:moved[t]]
+            blurry_idx[t] = blurry_idx[t][moved[t]:]
+        pool = rng.permutation(np.array(pool, dtype=np.int64)).tolist()
+        for t in range(num_tasks):          # ... and receives k_t from the shuffled pool
+            blurry_idx[t] += pool[:moved[t]]
+            pool = pool[moved[t]:]
     tasks, seen = [], []
     for t in range(num_tasks):
-        stream = rng.permutation(np.array(task_samples[t], dtype=np.int64)).tolist()
+        stream = rng.permutation(np.array(disjoint_idx[t] + blurry_idx[t], dtype=np.int64)).tolist()
         # a class is "seen" from the first task whose stream contains it
         present = sorted(set(int(train_labels[i]) for i in stream) - set(seen), key=order.index)
         seen = seen + present
         tasks.append(Task(present, stream, list(seen)))
-    _check(all(t.train_indices for t in tasks), "num_tasks", "a task received no samples; use fewer tasks")
     return ClassIncrementalScenario("si_blurry", dataset, num_classes, order, seed,
                                     {"num_tasks": num_tasks, "disjoint_class_ratio": disjoint_class_ratio,
                                      "blurry_sample_ratio": blurry_sample_ratio,
+                                     "samples_per_class": samples_per_class,
                                      "name": f"SiBlurry{num_tasks}(N{int(100 * disjoint_class_ratio)},M{int(100 * blurry_sample_ratio)})"},
                                     tasks)
 

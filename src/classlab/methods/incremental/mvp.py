@@ -19,9 +19,14 @@ On top of it, MVP adds:
       N_b = 1/P sum_j exp(d(k_s, k_j)/mu_s),  s = s(x_b);
 - gradient-similarity focal loss (GSF): with g_b = dl_b/dW_{y_b} (the sample's gradient on its
   class row of the head) and G_{y_b} = d(1/B sum l)/dW_{y_b} (the batch's), the ignorance
-  score is  s_b = 1 - cos(g_b, G_{y_b}), and  L_GSF = 1/B sum_b ((1 - alpha) + alpha s_b^gamma) l_b;
-  samples whose gradient disagrees with the batch's (minor / new classes) get more weight;
-  for gamma = 0 it is plain cross-entropy;
+  score is  s_b = 1 - cos(g_b, G_{y_b}); samples whose gradient disagrees with the batch's
+  (minor / new classes) get more weight; for gamma = 0 it is plain cross-entropy. Two
+  reductions, chosen by ``focal_reduction``:
+    ``sample`` (the paper's equation, our default):  L_GSF = 1/B sum_b ((1 - alpha) + alpha s_b^gamma) l_b
+    ``batch``  (the official code, methods/mvp.py ``loss_fn``, which weights the batch-mean
+               cross-entropy):  L_GSF = ((1 - alpha) + alpha 1/B sum_b s_b^gamma) * (1/B sum_b l_b)
+  The two agree when every s_b is equal; ``batch`` no longer gives a hard sample more weight
+  than an easy one, it scales the whole batch's loss by its mean ignorance;
 - adaptive feature scaling (AFS): the feature entering the loss is divided by
   c_b = 1 - cos(W_{y_b}, f_b) + margin (no gradient through c_b), which damps the logits of
   samples already close to their class weight and so limits the over-confidence of major classes;
@@ -36,6 +41,13 @@ Simplified here (and why):
 - selection size 1; no exemplar memory (the paper's MVP without "-R");
 - online_iter (3 updates per incoming batch in the paper) is the engine's ``epochs`` over each
   chunk of ``eval_period`` stream samples that the runner passes to ``fit``.
+
+State and the engine's hooks: ``training_step`` is pure (a two-step optimizer calls it twice).
+The classes of the incoming batch are exposed in ``on_before_step`` (the official code calls
+``add_new_class`` before it trains on a batch); ``training_step`` masks with the exposed classes
+and the batch's own labels, so it does not depend on that hook having run. The key-usage counts
+n_i grow in ``on_after_step``, once per optimizer step, from the key choices that
+``training_step`` returns in ``logs["picked"]``.
 """
 from __future__ import annotations
 
@@ -67,6 +79,20 @@ def gsf_weights(feats: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, clas
         big_g = (coef.t() @ feats.float()) / len(y)                # G_c = d(1/B sum l)/dW_c
         s = 1.0 - F.cosine_similarity(g, big_g[y], dim=1)
         return (1.0 - alpha) + alpha * s.clamp_min(0) ** gamma
+
+
+def gsf_loss(ce: torch.Tensor, weights: torch.Tensor, reduction: str = "sample") -> torch.Tensor:
+    """The gradient-similarity focal loss from per-sample cross-entropies ``ce`` and focal weights
+    ``weights`` = (1 - alpha) + alpha s^gamma (``gsf_weights``).
+
+    sample: 1/B sum_b w_b l_b                    (the paper's equation)
+    batch:  (1/B sum_b w_b) (1/B sum_b l_b)      (the official code: the weights scale the batch-mean CE)
+    """
+    if reduction == "sample":
+        return (weights * ce).mean()
+    if reduction == "batch":
+        return weights.mean() * ce.mean()
+    raise ValueError(f"focal_reduction must be 'sample' or 'batch', got {reduction!r}")
 
 
 def cvpt_loss(query: torch.Tensor, keys: torch.Tensor, picked: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
@@ -133,6 +159,10 @@ class MVP(IncrementalLearner):
     def _exposed(self) -> torch.Tensor:
         return self.exposed if bool(self.exposed.any()) else torch.ones_like(self.exposed)
 
+    def _exposed_with(self, y: torch.Tensor) -> torch.Tensor:
+        """The classes exposed so far together with the batch's own (pure: the buffer is not touched)."""
+        return self.exposed | torch.bincount(y, minlength=len(self.exposed)).bool()
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.prompted_features(x, self.select(self.query(x)))
 
@@ -142,9 +172,14 @@ class MVP(IncrementalLearner):
         return masked_logits(self.model.head(f), self._class_mask(picked), self._exposed())
 
     # --- one online batch -----------------------------------------------------------------
+    def on_before_step(self, batch) -> None:
+        super().on_before_step(batch)  # the learner's seen classes (online: the stream's exposed ones)
+        # classes are exposed as their first sample arrives, before the model trains on it
+        self.exposed[batch["y"]] = True
+
     def training_step(self, batch):
         x, y = batch["x"], batch["y"]
-        self.exposed[y] = True                       # classes are exposed as their first sample arrives
+        exposed = self._exposed_with(y)
         hp = self.hparams
         q = self.query(x)
         picked = self.select(q)
@@ -153,8 +188,6 @@ class MVP(IncrementalLearner):
             prompt_loss = cvpt_loss(q, self.key, picked, mass)
         else:                                        # L2P's pull: mean d(q, k_s)
             prompt_loss = (1.0 - F.cosine_similarity(q, self.key[picked], dim=1)).mean()
-        if self.training:
-            self.count += torch.bincount(picked, minlength=len(self.count)).to(self.count.dtype)
         f = self.prompted_features(x, picked)
         cmask = self._class_mask(picked)
         head = self.model.head
@@ -162,17 +195,23 @@ class MVP(IncrementalLearner):
             # AFS: f / (1 - cos(W_y, f) + margin), the scale without gradient
             with torch.no_grad():
                 scale = 1.0 - F.cosine_similarity(head.weight[y], f, dim=1) + float(hp.get("margin", 0.5))
-            logits = masked_logits(head(f / scale[:, None]), cmask, self.exposed)
+            logits = masked_logits(head(f / scale[:, None]), cmask, exposed)
         else:
-            logits = masked_logits(head(f), cmask, self.exposed)
+            logits = masked_logits(head(f), cmask, exposed)
         ce = F.cross_entropy(logits, y, reduction="none")
         if hp.get("use_gsf", True):
-            plain = masked_logits(head(f.detach()), cmask, self.exposed)
+            plain = masked_logits(head(f.detach()), cmask, exposed)
             weights = gsf_weights(f.detach(), plain.detach(), y, None if cmask is None else cmask.detach(),
-                                  float(hp.get("alpha", 0.5)), float(hp.get("gamma", 1.0)))
-            # L_GSF = 1/B sum ((1 - alpha) + alpha s^gamma) l
-            loss = (weights * ce).mean()
+                                  float(hp.get("alpha", 0.5)), float(hp.get("gamma", 2.0)))
+            # L_GSF = 1/B sum ((1 - alpha) + alpha s^gamma) l   (or the batch-reduced form, see gsf_loss)
+            loss = gsf_loss(ce, weights, str(hp.get("focal_reduction", "sample")))
         else:
             loss = ce.mean()
         # L = L_GSF + L_CVPT
-        return loss + float(hp.get("prompt_loss_weight", 1.0)) * prompt_loss, {"logits": logits.detach()}
+        loss = loss + float(hp.get("prompt_loss_weight", 1.0)) * prompt_loss
+        return loss, {"logits": logits.detach(), "picked": picked.detach()}
+
+    def on_after_step(self, batch, logs) -> None:
+        # once per optimizer step: the batch's classes stay exposed and each key's usage n_i grows
+        self.exposed[batch["y"]] = True
+        self.count += torch.bincount(logs["picked"], minlength=len(self.count)).to(self.count.dtype)

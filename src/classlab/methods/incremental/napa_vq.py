@@ -41,7 +41,9 @@ Simplified here (stated plainly):
 - Prototypes of a task's classes are the mean features of its (unaugmented) training samples,
   taken at the end of the task; the new classes' prototypes, needed as neighbours of old classes,
   are taken at the start of the task with the previous model (as in the official code).
-- Edge update and NA loss use the graph after this batch's update (symmetrised at once).
+- Edge update and NA loss use the graph after this batch's update (symmetrised at once). The
+  update is computed in ``training_step`` without storing it (a two-step optimizer calls it
+  twice) and stored once per optimizer step in ``on_after_step``.
 - ``code_init: prototype`` (our default for the embedded data) starts a new class's code at its
   prototype instead of at a random N(0, I) vector (``code_init: random``, the paper's): the
   official runs take thousands of code updates per task, our tiny runs a few dozen.
@@ -168,22 +170,31 @@ class NapaVQ(IncrementalLearner):
         self.train(was_training)
 
     def _losses(self, feats: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """L_DCE, L_NA and the DCE logits of ``feats`` against the stored graph (nothing is stored)."""
+        return self._losses_and_graph(feats, y, self.edges)[:3]
+
+    def _losses_and_graph(self, feats: torch.Tensor, y: torch.Tensor, edges: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """L_DCE, L_NA and the DCE logits of ``feats``, and the graph after this batch's Hebbian
+        update of ``edges`` (returned, not stored: the step's graph is kept in ``on_after_step``)."""
         hp = self.hparams
         valid = self.seen_mask
         d2 = sq_dists(feats, self.codes)
         with torch.no_grad():
-            self.edges.copy_(update_edges(self.edges, d2.detach(), valid, int(hp.get("na_k", 15)),
-                                          float(hp.get("edge_decay", 0.9)), float(hp.get("edge_min", 0.9 ** 10))))
-        l_na = na_loss(d2, y, self.edges, valid, float(hp.get("na_softmin", 1e-3)))
+            edges = update_edges(edges, d2.detach(), valid, int(hp.get("na_k", 15)),
+                                 float(hp.get("edge_decay", 0.9)), float(hp.get("edge_min", 0.9 ** 10)))
+        l_na = na_loss(d2, y, edges, valid, float(hp.get("na_softmin", 1e-3)))
         logits = dce_logits(d2, valid, float(hp.get("temperature", 0.1)))
         # L_DCE = CE(-||f - w_c|| / T, y)
-        return F.cross_entropy(logits, y), l_na, logits
+        return F.cross_entropy(logits, y), l_na, logits, edges
 
-    def augmented_prototypes(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """NA-PA: p_aug = gamma p_c + (1 - gamma) p_n, c an old class, n in N(c) u {c}, gamma ~ U(gamma_min, 1)."""
+    def augmented_prototypes(self, n: int, edges: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """NA-PA: p_aug = gamma p_c + (1 - gamma) p_n, c an old class, n in N(c) u {c}, gamma ~ U(gamma_min, 1).
+        ``edges``: the neighbour graph to draw n from (default: the stored one)."""
+        edges = self.edges if edges is None else edges
         old = (self.seen_mask & ~self.new_mask).nonzero().squeeze(1)
         c = old[torch.randint(len(old), (n,), device=old.device)]
-        rows = (self.edges[c] > 0) & self.seen_mask[None, :]
+        rows = (edges[c] > 0) & self.seen_mask[None, :]
         rows[torch.arange(n, device=c.device), c] = True
         nbr = torch.multinomial(rows.float(), 1).squeeze(1)
         g_min = float(self.hparams.get("gamma_min", 0.5))
@@ -191,10 +202,11 @@ class NapaVQ(IncrementalLearner):
         return gamma * self.prototypes[c] + (1.0 - gamma) * self.prototypes[nbr], c
 
     def training_step(self, batch):
+        # pure: the graph update of this step travels in logs["edges"] and is stored once, in on_after_step
         hp = self.hparams
         x, y = batch["x"], batch["y"]
         feats = self.model.features(x)
-        l_dce, l_na, logits = self._losses(feats, y)
+        l_dce, l_na, logits, edges = self._losses_and_graph(feats, y, self.edges)
         loss = l_dce + l_na
         logs = {"logits": logits.detach(), "dce": l_dce.detach(), "na": l_na.detach()}
         if self.task_id > 0:
@@ -203,13 +215,18 @@ class NapaVQ(IncrementalLearner):
             # L_KD = ||F(x) - F_old(x)||_2
             l_kd = torch.dist(feats, old_feats, 2)
             n = int(hp.get("proto_aug_batch", 0)) or x.shape[0]
-            p_aug, c = self.augmented_prototypes(n)
-            l_pa_dce, l_pa_na, _ = self._losses(p_aug, c)
+            p_aug, c = self.augmented_prototypes(n, edges)
+            l_pa_dce, l_pa_na, _, edges = self._losses_and_graph(p_aug, c, edges)
             # L = L_DCE + L_NA(x) + L_NA(p_aug) + w_pa L_DCE(p_aug) + w_kd L_KD
             loss = loss + l_pa_na + float(hp.get("proto_aug_weight", 10.0)) * l_pa_dce \
                 + float(hp.get("kd_weight", 10.0)) * l_kd
             logs.update(kd=l_kd.detach(), proto_aug=l_pa_dce.detach())
+        logs["edges"] = edges.detach()
         return loss, logs
+
+    def on_after_step(self, batch, logs) -> None:
+        # the neighbour graph after this step's batch (and augmented prototypes), once per optimizer step
+        self.edges.copy_(logs["edges"])
 
     def end_task(self, task_id, context) -> None:
         feats = context.embed(context.task_indices).to(self.prototypes.device)
