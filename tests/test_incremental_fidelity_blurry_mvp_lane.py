@@ -134,6 +134,7 @@ def test_mvp_loss_uses_the_named_focal_reduction(reduction):
 def test_mvp_defaults_follow_the_official_code():
     hp = resolve_hparams("incremental", "mvp", {})
     assert hp["gamma"] == 2.0 and hp["batch_size"] == 64
+    assert hp["epochs"] == 1 and hp["online_iter"] == 3   # one pass, 3 steps on each incoming batch
     assert hp["focal_reduction"] == "sample"      # the claims use the paper's per-sample form
     base = resolve_hparams("incremental", "mvp_base", {})
     assert base["batch_size"] == 64

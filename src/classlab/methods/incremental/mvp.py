@@ -39,8 +39,8 @@ Simplified here (and why):
 - L_CVPT is averaged per instance (the public code averages numerator and denominator over the
   batch inside the log);
 - selection size 1; no exemplar memory (the paper's MVP without "-R");
-- online_iter (3 updates per incoming batch in the paper) is the engine's ``epochs`` over each
-  chunk of ``eval_period`` stream samples that the runner passes to ``fit``.
+- online_iter (3 updates per incoming batch in the paper) is the engine's ``online_iter``: one
+  pass over the stream (``epochs: 1``), each incoming batch trained on for 3 optimizer steps.
 
 State and the engine's hooks: ``training_step`` is pure (a two-step optimizer calls it twice).
 The classes of the incoming batch are exposed in ``on_before_step`` (the official code calls
