@@ -11,13 +11,34 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 setup: $(VENV)/.installed system-deps
 
-# Python packages, pinned (torch from the local wheel store where the machine has one).
-$(VENV)/.installed: requirements.txt pyproject.toml
+# Python packages: requirements.txt's pins, and the lock constraints.txt for everything they pull in
+# (torch from the local wheel store where the machine has one).
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q -r requirements.txt -c constraints.txt
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
+
+# Refresh the lock after editing requirements.txt: resolve it in a fresh temporary virtualenv, freeze
+# every package into constraints.txt (setuptools too, which torch needs; not pip, not classlab), and
+# write the same pins into environment.yml's pip section (the CUDA wheels marked Linux-only).
+.PHONY: lock
+lock:
+	set -euo pipefail; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PY) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/pip" install -q --upgrade pip; \
+	"$$tmp/venv/bin/pip" install -q -r requirements.txt; \
+	{ echo "# The lock: every package a fresh install of requirements.txt resolves to, pinned (pip freeze of a"; \
+	  echo "# clean virtualenv, setuptools included, pip and classlab excluded). Written by \`make lock\`; used by"; \
+	  echo "# \`make setup\` (pip install -r requirements.txt -c constraints.txt) and copied into environment.yml."; \
+	  "$$tmp/venv/bin/pip" freeze --all --exclude-editable | grep -viE '^(pip|classlab)=='; } > "$$tmp/constraints.txt"; \
+	sed -n '1,/^  - pip:$$/p' environment.yml > "$$tmp/environment.yml"; \
+	grep -v '^#' "$$tmp/constraints.txt" \
+	  | sed -E -e "s/^((nvidia-|cuda-|triton).*)$$/'\1; sys_platform == \"linux\"'/" -e 's/^/      - /' >> "$$tmp/environment.yml"; \
+	echo '      - -e ..' >> "$$tmp/environment.yml"; \
+	mv "$$tmp/constraints.txt" constraints.txt; mv "$$tmp/environment.yml" environment.yml
+	@echo "constraints.txt: $$(grep -vc '^#' constraints.txt) pins; environment.yml rewritten from it"
 
 # System packages: Fashion-MNIST's Debian mirror, and SLURM + munge for the cluster test.
 # Installed only when running as root with apt; elsewhere the download rule falls back to the URLs

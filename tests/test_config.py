@@ -251,3 +251,56 @@ def test_an_extends_cycle_of_any_length_fails_naming_the_chain(tmp_path, monkeyp
     config = copy.deepcopy(_smoke())
     del config["families"]["incremental"]["overrides"]  # a cycle is found without any override too
     _raises(config, "config key families.incremental", f"extends cycle {cycle}")
+
+
+# --- reproducible installs: requirements.txt, the lock constraints.txt, environment.yml --------
+
+def _pins(lines):
+    """{canonical name: version} of ``name==version`` lines (markers and quotes dropped)."""
+    import re
+
+    out = {}
+    for line in lines:
+        line = line.strip().strip("'")
+        if not line or line.startswith("#"):
+            continue
+        requirement = line.split(";")[0].strip()
+        match = re.fullmatch(r"([A-Za-z0-9._-]+)==([A-Za-z0-9.+!_-]+)", requirement)
+        assert match, f"not an exact pin: {line!r}"
+        out[re.sub(r"[-_.]+", "-", match.group(1)).lower()] = match.group(2)
+    return out
+
+
+def test_requirements_are_pinned_and_the_lock_pins_everything_they_pull_in():
+    import importlib.metadata as md
+
+    requirements = _pins((ROOT / "requirements.txt").read_text().splitlines())
+    lock = _pins((ROOT / "constraints.txt").read_text().splitlines())
+    for name in ("scipy", "jsonschema", "pyyaml", "tqdm", "tabulate", "torch"):
+        assert name in requirements
+    assert {n: lock.get(n) for n in requirements} == requirements  # the lock agrees with every pin
+    assert "classlab" not in lock and "pip" not in lock and "setuptools" in lock
+    # this environment is the lock: every locked package that is installed has the locked version
+    installed = {d.metadata["Name"]: d.version for d in md.distributions()}
+    installed = {n.replace("_", "-").replace(".", "-").lower(): v for n, v in installed.items()}
+    drift = {n: (v, installed[n]) for n, v in lock.items() if n in installed and installed[n] != v}
+    assert not drift, f"installed versions differ from constraints.txt (run make lock?): {drift}"
+    makefile = (ROOT / "Makefile").read_text()
+    assert "pip install -q -r requirements.txt -c constraints.txt" in makefile and "\nlock:" in makefile
+
+
+def test_environment_yml_carries_the_same_lock():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    pins = [p for p in pip_section if not p.startswith("-e")]
+    assert _pins(pins) == _pins((ROOT / "constraints.txt").read_text().splitlines())
+    assert all("linux" in p for p in pins if p.startswith(("nvidia-", "'nvidia-", "'cuda-", "'triton")))
+
+
+def test_project_files_do_not_point_at_the_shared_folder():
+    import subprocess
+
+    needle = ".." + "/shared"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    hits = [f for f in files if (ROOT / f).is_file() and needle in (ROOT / f).read_text(errors="ignore")]
+    assert not hits, hits
