@@ -7,7 +7,7 @@ CORES ?= 2
 SNAKEMAKE := $(BIN)/snakemake
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup system-deps run report test test-fast bench lint clean
+.PHONY: setup system-deps run report test test-fast bench faults lint clean
 
 setup: $(VENV)/.installed system-deps
 
@@ -67,6 +67,10 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/run_bench.py
+
+# Reliability: SIGKILL small training jobs at 20 random points, resume, count bit-identical endings.
+faults: setup
+	$(BIN)/python bench/faults.py
 
 clean:
 	rm -rf results logs .snakemake

@@ -71,3 +71,18 @@ def test_summary_is_consistent():
     assert s["top1"] == top1_accuracy(logits, labels)
     assert s["ece_10_x100"] == pytest.approx(100 * expected_calibration_error(logits, labels, 10))
     assert s["n"] == 300
+
+
+def test_forgetting_leaves_out_a_task_without_classes():
+    """Si-Blurry can give a task with no new class: its accuracy-matrix column is empty, and the
+    forgetting and BWT means run over the other tasks only (never NaN)."""
+    from classlab.metrics.incremental import backward_transfer, forgetting
+
+    nan = float("nan")
+    a = np.array([[0.9, nan, nan],
+                  [0.7, nan, nan],
+                  [0.5, nan, 0.8]])
+    assert forgetting(a) == pytest.approx(0.9 - 0.5)
+    assert backward_transfer(a) == pytest.approx(0.5 - 0.9)
+    full = np.array([[0.9, nan], [0.6, 0.8]])
+    assert forgetting(full) == pytest.approx(0.3)

@@ -143,10 +143,11 @@ def _evaluate_incremental(a):
     meta = read_json(a.history)["meta"]
     with np.load(a.predictions) as z:
         steps = [(z[f"logits_task{t}"].argmax(1), z[f"labels_task{t}"]) for t in range(scenario.num_tasks)]
-        anytime = np.concatenate([z[k] for k in sorted(z.files) if k.startswith("anytime_task")]) \
-            if any(k.startswith("anytime_task") for k in z.files) else None
+        curves = [f"anytime_task{t}" for t in range(scenario.num_tasks) if f"anytime_task{t}" in z.files]
+        anytime = np.concatenate([z[k] for k in curves]) if curves else None  # in task order, not name order
     metrics = summarize_incremental(steps, scenario.task_of_class(), scenario.kind, anytime)
     metrics.update({k: meta[k] for k in ("dataset", "method", "seed", "backbone", "scenario", "scenario_kind")})
+    metrics.update({k: meta[k] for k in ("provenance", "train_steps", "batch_size") if k in meta})
     metrics["task_classes"] = [t.classes for t in scenario.tasks]
     metrics["init"] = meta["init"]
     metrics["init_kind"] = meta.get("init_kind", "scratch")

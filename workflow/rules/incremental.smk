@@ -183,7 +183,8 @@ rule evaluate_incremental:
 
 rule aggregate_incremental:
     input:
-        incremental_metrics() + forgetting_metrics() + multilabel_metrics(),
+        metrics=incremental_metrics() + forgetting_metrics() + multilabel_metrics(),
+        claims="config/claims/incremental.yaml",
     output:
         runs="results/tables/incremental/runs.csv",
         summary="results/tables/incremental/summary.csv",
@@ -200,7 +201,7 @@ rule aggregate_incremental:
     conda:
         ENV
     shell:
-        "classlab aggregate-incremental --metrics {input} --runs-csv {output.runs} --summary-csv {output.summary} "
+        "classlab aggregate-incremental --metrics {input.metrics} --runs-csv {output.runs} --summary-csv {output.summary} "
         "--summary-md {output.md} --claims-csv {output.claims} > {log} 2>&1"
 
 

@@ -55,7 +55,8 @@ rule evaluate_supervised:
 
 rule aggregate_supervised:
     input:
-        supervised_runs("metrics.json"),
+        metrics=supervised_runs("metrics.json"),
+        claims="config/claims/supervised.yaml",
     output:
         runs=report(
             "results/tables/supervised/runs.csv",
@@ -77,7 +78,7 @@ rule aggregate_supervised:
     conda:
         ENV
     shell:
-        "classlab aggregate --family supervised --metrics {input} --runs-csv {output.runs} "
+        "classlab aggregate --family supervised --metrics {input.metrics} --runs-csv {output.runs} "
         "--summary-csv {output.summary} --summary-md {output.md} --claims-csv {output.claims} > {log} 2>&1"
 
 

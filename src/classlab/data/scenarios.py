@@ -290,6 +290,12 @@ def build_scenario(kind: str, dataset: str, train_labels: np.ndarray, num_classe
     if kind not in BUILDERS:
         raise ScenarioError(f"scenario.kind: {kind!r} is not allowed; allowed values: {sorted(BUILDERS)}")
     test_per_class = params.pop("test_samples_per_class", None)
+    # the anytime-evaluation grid of an online stream belongs to the scenario, so that every
+    # method of a comparison is evaluated at the same stream positions
+    eval_period = params.pop("eval_period", None)
+    if eval_period is not None and (kind != "si_blurry" or int(eval_period) < 1):
+        raise ScenarioError(f"scenario.eval_period: {eval_period!r} applies to online (si_blurry) scenarios only, "
+                            f"as a positive number of stream samples")
     try:
         scenario = BUILDERS[kind](dataset, np.asarray(train_labels), num_classes, seed=seed, **params)
     except TypeError as exc:
@@ -299,4 +305,6 @@ def build_scenario(kind: str, dataset: str, train_labels: np.ndarray, num_classe
             raise ScenarioError("scenario.test_samples_per_class: the test labels are needed to draw the subset")
         scenario.test_indices = test_subset(test_labels, num_classes, int(test_per_class), seed)
         scenario.params["test_samples_per_class"] = int(test_per_class)
+    if eval_period is not None:
+        scenario.params["eval_period"] = int(eval_period)
     return scenario

@@ -29,7 +29,7 @@ from classlab.engine.schedule import lr_factor
 log = logging.getLogger("classlab.engine")
 
 TRAIN_KEYS = ("epochs", "batch_size", "schedule", "warmup_frac", "augment_pad", "augment_hflip", "online_iter",
-              "milestones", "gamma")
+              "milestones", "step_gamma")
 
 
 @dataclass
@@ -41,8 +41,8 @@ class TrainConfig:
     augment_pad: int = 0
     augment_hflip: bool = False
     online_iter: int = 1          # optimizer steps per incoming batch (online protocols)
-    milestones: tuple = ()        # step schedule: fractions of the run where the rate is multiplied by gamma
-    gamma: float = 0.1
+    milestones: tuple = ()        # step schedule: fractions of the run where the rate is multiplied by step_gamma
+    step_gamma: float = 0.1
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> "TrainConfig":
@@ -231,7 +231,7 @@ class Trainer:
 
 
 def _lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
-    extra = {"milestones": tuple(cfg.milestones), "gamma": cfg.gamma} if cfg.schedule == "step" else {}
+    extra = {"milestones": tuple(cfg.milestones), "gamma": cfg.step_gamma} if cfg.schedule == "step" else {}
     return lr_factor(step, total, cfg.schedule, cfg.warmup_frac, **extra)
 
 

@@ -60,7 +60,7 @@ class IncrementalLearner(Method):
     """Base learner: sequential fine-tuning with cross-entropy over the classes seen so far."""
 
     uses_memory = False
-    scenario_kinds = ("class_incremental", "few_shot", "si_blurry")
+    scenario_kinds: tuple[str, ...] = ()  # from the method YAML's `scenario_kinds` (set by the registry)
     scenario_kind: str | None = None  # set by the protocol before the first task
 
     def __init__(self, model, hparams, num_classes):

@@ -47,25 +47,34 @@ def last_accuracy(steps, weighting: str = "sample") -> float:
 
 
 def average_incremental_accuracy(steps, weighting: str = "sample") -> float:
-    """(1/T) sum_t A_t, A_t the accuracy on all seen classes after step t (Rebuffi et al. 2017)."""
-    return float(seen_accuracy(steps, weighting).mean())
+    """(1/T) sum_t A_t, A_t the accuracy on all seen classes after step t (Rebuffi et al. 2017).
+    A step with nothing to score (an online stream's empty first task) is left out."""
+    acc = seen_accuracy(steps, weighting)
+    return float(np.nanmean(acc)) if np.isfinite(acc).any() else float("nan")
+
+
+def _scored_tasks(a: np.ndarray) -> list[int]:
+    """Tasks j < T-1 whose column has a score: a task that introduced no class (Si-Blurry's
+    stochastic boundaries can give one) has nothing to forget and is left out of the mean."""
+    T = a.shape[0]
+    return [j for j in range(T - 1) if np.isfinite(a[j:T - 1, j]).any() and np.isfinite(a[T - 1, j])]
 
 
 def forgetting(a: np.ndarray) -> float:
     """Max-based forgetting (Chaudhry et al. 2018): mean over j < T-1 of
     max_{t in [j, T-2]} A[t, j] - A[T-1, j]."""
-    T = a.shape[0]
-    if T < 2:
+    tasks = _scored_tasks(a)
+    if not tasks:
         return 0.0
-    return float(np.mean([np.nanmax(a[j:T - 1, j]) - a[T - 1, j] for j in range(T - 1)]))
+    return float(np.mean([np.nanmax(a[j:a.shape[0] - 1, j]) - a[-1, j] for j in tasks]))
 
 
 def forgetting_initial(a: np.ndarray) -> float:
     """"Initial" forgetting: mean over j < T-1 of A[j, j] - A[T-1, j] (drop from just-learned)."""
-    T = a.shape[0]
-    if T < 2:
+    tasks = [j for j in _scored_tasks(a) if np.isfinite(a[j, j])]
+    if not tasks:
         return 0.0
-    return float(np.mean([a[j, j] - a[T - 1, j] for j in range(T - 1)]))
+    return float(np.mean([a[j, j] - a[-1, j] for j in tasks]))
 
 
 def backward_transfer(a: np.ndarray) -> float:

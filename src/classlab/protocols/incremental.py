@@ -91,7 +91,14 @@ class IncrementalRun(ProtocolRun):
             steps = [-(-len(idx) // batch) * repeat for idx in self.task_indices]
             self.stream_offsets = np.concatenate([[0], np.cumsum(steps)]).astype(int).tolist()
             self.sample_offsets = np.concatenate([[0], np.cumsum([len(i) for i in self.task_indices])]).astype(int).tolist()
-            self.eval_period = int(self.scenario.params.get("eval_period", self.hparams.get("eval_period", 1000)))
+            self.eval_period = int(self.scenario.params.get("eval_period", 1000))  # MVP's 1000 unless the scenario says
+
+    def task_hparams(self, t: int) -> dict:
+        hp = super().task_hparams(t)
+        if self.scenario.kind == "si_blurry":
+            # online: one pass over the stream; `online_iter` sets the steps per incoming batch
+            hp["epochs"] = 1
+        return hp
 
     def begin_task(self, t: int) -> None:
         task = self.scenario.tasks[t]

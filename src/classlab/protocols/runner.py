@@ -136,6 +136,9 @@ class ProtocolRun:
     def begin_task(self, t: int) -> None:
         raise NotImplementedError
 
+    def task_hparams(self, t: int) -> dict:
+        return task_hparams(self.hparams, t)
+
     def train_loader(self, t: int, trainer: Trainer):
         """The loader of task ``t``'s training phase (None: nothing to train)."""
         raise NotImplementedError
@@ -276,7 +279,7 @@ class ProtocolRun:
             state = load_checkpoint(self.ckpt_dir / f"task{t}.phase.pt", map_location=self.device)
             self._load_task_state(state)
         phases = list(getattr(self.learner, "task_phases", lambda task: ["train"])(t))
-        hp = task_hparams(self.hparams, t)
+        hp = self.task_hparams(t)
         trainers, context = [], None
         row: dict = {}
         for k, phase in enumerate(phases):
@@ -299,9 +302,9 @@ class ProtocolRun:
                     trainer.fit(loader)
                     self.train_steps += trainer.steps_done
             trainers.append((phase, trainer))
-            if k + 1 < len(phases):
+            if k + 1 < len(phases):  # the phase is done: its epoch checkpoint gives way to a phase checkpoint
                 save_checkpoint(self._task_state(phase=k), self.ckpt_dir / f"task{t}.phase.pt")
-            (self.ckpt_dir / f"task{t}{'' if phase == 'train' else '.' + phase}_last.pt").unlink(missing_ok=True)
+                trainer.checkpoint.unlink(missing_ok=True)
         self.learner.phase = "train"
         context = context or self.context(t)
         self.before_end_task(t, context)
@@ -316,4 +319,7 @@ class ProtocolRun:
                     "phases": {name: tr.history for name, tr in trainers if name != "train"}})
         self.history.append(row)
         save_checkpoint(self._task_state(), self.ckpt_dir / f"task{t}.pt")
-        (self.ckpt_dir / f"task{t}.phase.pt").unlink(missing_ok=True)
+        # kept until now, so that a job killed in end_task or evaluation does not train again
+        for path in [self.ckpt_dir / f"task{t}.phase.pt", *self.ckpt_dir.glob(f"task{t}_last.pt"),
+                     *self.ckpt_dir.glob(f"task{t}.*_last.pt")]:
+            path.unlink(missing_ok=True)
