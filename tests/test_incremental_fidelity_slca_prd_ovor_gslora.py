@@ -13,13 +13,14 @@ import yaml
 
 from classlab.config import resolve_hparams
 from classlab.engine import Trainer, TrainConfig
-from classlab.data.loader import TensorLoader
+from classlab.data.loader import MixedLoader, TensorLoader
 from classlab.methods.incremental import ovor as ovor_module
 from classlab.methods.incremental.gs_lora import GSLoRA, bounded_forgetting_loss, group_sparse_norm
 from classlab.methods.incremental.ovor import OVOR
 from classlab.methods.incremental.slca import SLCA
 from classlab.methods.learner import TaskContext
 from classlab.models import build_classifier
+from tests.test_incremental_phases import run_task_phases
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,7 +133,8 @@ def test_slca_classifier_alignment_switch(align):
     learner.end_task(0, _ctx(0, [0, 1], [0, 1], feats[labels < 2], labels[labels < 2]))
     head = copy.deepcopy(learner.model.head.state_dict())
     learner.begin_task(1, [2, 3], [0, 1, 2, 3])
-    learner.end_task(1, _ctx(1, [2, 3], [0, 1, 2, 3], feats[labels >= 2], labels[labels >= 2]))
+    assert learner.task_phases(1) == (["train", "align"] if align else ["train"])
+    run_task_phases(learner, 1, _ctx(1, [2, 3], [0, 1, 2, 3], feats[labels >= 2], labels[labels >= 2]))
     unchanged = all(torch.equal(v, learner.model.head.state_dict()[k]) for k, v in head.items())
     assert unchanged is (not align)
     assert learner.class_task.tolist() == [0, 0, 1, 1]  # statistics are stored either way
@@ -171,22 +173,23 @@ def _features(n_per_class=30):
     return feats, torch.arange(2 * n_per_class) // n_per_class
 
 
-def _plain_ce_head(head, feats, labels, new_mask, hp, epochs, seed):
-    """Reference: the VOR phase's optimizer, schedule and batches with the cross-entropy alone."""
+def _plain_ce_head(head, feats, labels, new_mask, hp, seed):
+    """Reference: the VOR phase's loader over the ID features, optimizer and schedule with the
+    cross-entropy alone, written out step by step."""
+    from classlab.engine.schedule import lr_factor
+
     head = copy.deepcopy(head)
-    gen = torch.Generator().manual_seed(seed)
-    lr, bsz = hp["vor_lr"], hp["vor_batch_size"]
+    lr, epochs = hp["vor_lr"], hp["vor_epochs"]
+    loader = TensorLoader(feats, labels, hp["vor_batch_size"], device=torch.device("cpu"), shuffle=True, seed=seed)
     opt = torch.optim.Adam(head.parameters(), lr=lr, betas=(hp["momentum"], 0.999))
-    n_batches = math.ceil(len(feats) / bsz)
-    step = 0
-    for _ in range(epochs):
-        order = torch.randperm(len(feats), generator=gen)
-        for b in range(n_batches):
+    total, step = epochs * len(loader), 0
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:
             for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / (epochs * n_batches)))
-            idx = order[b * bsz:(b + 1) * bsz]
-            logits = head(feats[idx]).masked_fill(~new_mask, float("-inf"))
-            loss = F.cross_entropy(logits, labels[idx])
+                group["lr"] = lr * lr_factor(step, total, "cosine", 0.0)
+            logits = head(batch["x"]).masked_fill(~new_mask, float("-inf"))
+            loss = F.cross_entropy(logits, batch["y"])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -196,14 +199,22 @@ def _plain_ce_head(head, feats, labels, new_mask, hp, epochs, seed):
 
 @pytest.mark.parametrize("lam", [0.0, 0.5])
 def test_ovor_vor_lambda_zero_is_plain_cross_entropy_in_the_end_of_task_phase(lam):
-    hp = {**resolve_hparams("incremental", "ovor", {}), "vor_lambda": lam, "vor_lr": 0.05, "vor_batch_size": 16}
+    hp = {**resolve_hparams("incremental", "ovor", {}), "vor_lambda": lam, "vor_lr": 0.05, "vor_batch_size": 16,
+          "vor_epochs": 3}
     model = _tiny_vit()
     learner = OVOR(model, hp, 6)
     learner.begin_task(0, [0, 1], [0, 1])
     feats, labels = _features()
     oods = torch.randn(40, 24, generator=torch.Generator().manual_seed(3)) * 4
-    reference = _plain_ce_head(model.head, feats, labels, learner.new_mask, hp, epochs=3, seed=7)
-    learner.vor_fit(feats, labels, oods if lam > 0 else oods[:0], epochs=3, gen=torch.Generator().manual_seed(7))
+    reference = _plain_ce_head(model.head, feats, labels, learner.new_mask, hp, seed=7)
+    # the VOR phase through the engine, on these features (and outliers where lambda > 0)
+    learner.phase = "vor"
+    learner.hparams = {**hp, **learner.phase_hparams("vor")}
+    trainer = Trainer(learner, TrainConfig.from_hparams(learner.hparams), torch.device("cpu"), 7, None, progress=False)
+    loader = learner.vor_loader(feats, labels, oods if lam > 0 else None, 16, torch.device("cpu"), 7)
+    assert isinstance(loader, MixedLoader) is (lam > 0)
+    trainer.fit(loader)
+    assert trainer.steps_done == 3 * math.ceil(len(feats) / 16)  # the same steps either way
     same = all(torch.allclose(p, q, atol=1e-6) for p, q in zip(model.head.parameters(), reference.parameters()))
     assert same is (lam == 0)
 
@@ -222,12 +233,13 @@ def test_ovor_no_vor_variant_keeps_the_phase_and_synthesises_no_outliers(monkeyp
     model = _tiny_vit()
     learner = OVOR(model, {**base_hp, "vor_epochs": 2}, 6)
     learner.begin_task(0, [0, 1], [0, 1])
+    assert learner.task_phases(0) == ["train", "vor"]  # the phase is kept with lambda 0
     x, y = torch.randn(20, 1, 8, 8), torch.arange(20) % 2
     before = copy.deepcopy(model.head.state_dict())
-    ctx = TaskContext(0, [0, 1], [0, 1], x, y, torch.arange(20), None, lambda idx: learner.features(x[idx]),
+    ctx = TaskContext(0, [0, 1], [0, 1], x, y, torch.arange(20), None, lambda idx: learner.features(x[idx]).detach(),
                       lambda idx: learner.predict(x[idx]), torch.device("cpu"))
-    with torch.no_grad():
-        learner.end_task(0, ctx)
+    trainers = run_task_phases(learner, 0, ctx)
+    assert trainers["vor"].steps_done == 2 * math.ceil(20 / base_hp["vor_batch_size"])
     assert any(not torch.equal(v, model.head.state_dict()[k]) for k, v in before.items())  # the phase ran
     assert all(torch.isfinite(p).all() for p in model.head.parameters())
 
@@ -333,7 +345,12 @@ def test_slca_variants_run_through_the_protocol_at_the_same_budget(tmp_path):
                                  backbone_kwargs={"widths": [16, 32], "pool_after": [0]}, threads=1, progress=False)
         out[method] = (result, dict(np.load(tmp_path / method / "ev" / "predictions.npz")))
     steps = {m: r["meta"]["train_steps"] for m, (r, _) in out.items()}
-    assert len(set(steps.values())) == 1 and steps["slca"] > 0, steps  # the same SGD budget
+    # the same training phase (SGD budget) for all three; slca adds its align phase after tasks 1-3:
+    # one epoch of ca_epochs x 256 draws per seen class (6, 8, 10) in batches of 256
+    assert steps["slca_seqft"] == steps["slca_no_ca"] > 0, steps
+    assert steps["slca"] - steps["slca_no_ca"] == 2 * (6 + 8 + 10), steps
+    assert [sorted(h["phases"]) for h in out["slca"][0]["history"]] == [[], ["align"], ["align"], ["align"]]
+    assert all(not h["phases"] for h in out["slca_no_ca"][0]["history"] + out["slca_seqft"][0]["history"])
     slca, seqft, no_ca = (out[m][1] for m in ("slca", "slca_seqft", "slca_no_ca"))
     # task 0: no alignment yet, so slca and slca_no_ca are the same run; Seq FT's fast backbone differs
     assert np.array_equal(slca["logits_task0"], no_ca["logits_task0"])

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from classlab.methods.incremental.mvp import MVP, cvpt_loss, gsf_weights, masked_logits
 from classlab.methods.incremental.ovor import (OVOR, energy, knn_distance, prefix_attention, synthesize_outliers,
                                                vit_forward, vor_loss)
+from classlab.engine import Trainer, TrainConfig
 from classlab.models import build_classifier
 
 from tests.shared_data import SHARED  # noqa: E402  (built by conftest before the tests run)
@@ -148,7 +149,12 @@ def test_ovor_vor_phase_raises_id_logits_and_lowers_outlier_logits():
     head = model.head
     with torch.no_grad():
         e_id0, e_ood0 = energy(head(feats)[:, :2]).mean(), energy(head(oods)[:, :2]).mean()
-    losses = ovor.vor_fit(feats, labels, oods, epochs=15, gen=g)
+    # the VOR phase through the engine: 15 epochs on these features and outliers
+    ovor.phase = "vor"
+    ovor.hparams = {**ovor.hparams, "vor_epochs": 15}
+    ovor.hparams.update(ovor.phase_hparams("vor"))
+    trainer = Trainer(ovor, TrainConfig.from_hparams(ovor.hparams), torch.device("cpu"), 0, None, progress=False)
+    losses = [row["loss"] for row in trainer.fit(ovor.vor_loader(feats, labels, oods, 32, torch.device("cpu"), 0))]
     with torch.no_grad():
         e_id1, e_ood1 = energy(head(feats)[:, :2]).mean(), energy(head(oods)[:, :2]).mean()
     assert losses[-1] < losses[0]

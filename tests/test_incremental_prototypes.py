@@ -23,6 +23,7 @@ from classlab.models.backbones import Classifier
 from classlab.methods.learner import TaskContext
 
 from tests.shared_data import SHARED  # noqa: E402  (built by conftest before the tests run)
+from tests.test_incremental_phases import run_task_phases
 DIGITS = SHARED / "prepared" / "digits"
 INIT = SHARED / "pretrain" / "digits_b4inc2_convnet" / "model.pt"
 CONVNET = {"widths": [16, 32], "pool_after": [0]}
@@ -131,7 +132,7 @@ def test_slca_logit_norm_divides_by_mean_per_task_norm_and_tau():
     assert torch.allclose(logit_norm_loss(logits, y, groups, 0.1), expected, atol=1e-5)
 
 
-def test_slca_end_task_stores_statistics_and_aligns_the_head_of_all_seen_classes():
+def test_slca_stores_statistics_and_its_align_phase_aligns_the_head_of_all_seen_classes():
     torch.manual_seed(0)
     hp = {"lr": 0.05, "backbone_lr_scale": 0.01, "momentum": 0.9, "weight_decay": 0.0, "cov_eps": 1e-4,
           "ca_epochs": 5, "ca_lr": 0.05, "ca_samples_per_class": 128, "ca_batch_size": 128, "ca_logit_norm": 0.1}
@@ -144,7 +145,9 @@ def test_slca_end_task_stores_statistics_and_aligns_the_head_of_all_seen_classes
     learner.end_task(0, context(0, [0, 1], [0, 1], feats[first], labels[first]))
     head_after_task0 = learner.model.head.weight.detach().clone()
     learner.begin_task(1, [2, 3], [0, 1, 2, 3])
-    learner.end_task(1, context(1, [2, 3], [0, 1, 2, 3], feats[~first], labels[~first]))
+    assert learner.task_phases(1) == ["train", "align"]
+    # the align phase through the engine (statistics of the new classes, then the head), then end_task
+    run_task_phases(learner, 1, context(1, [2, 3], [0, 1, 2, 3], feats[~first], labels[~first]))
     for c in range(4):
         mu, cov = gaussian_statistics(feats[labels == c], 1e-4)
         assert torch.allclose(learner.class_means[c], mu) and torch.allclose(learner.class_covs[c], cov)
@@ -225,25 +228,27 @@ def test_simplecil_end_to_end_frozen_on_class_incremental(tmp_path):
 def test_slca_end_to_end_aligns_classifier_and_resumes(tmp_path, monkeypatch):
     history, preds, state = run("slca", "digits_b4inc2", tmp_path / "full", {"epochs": 2})
     assert len(history) == 4 and all(h["train_samples"] > 0 for h in history)
+    assert [sorted(h["phases"]) for h in history] == [[], ["align"], ["align"], ["align"]]  # CA after tasks 1-3
     covs = state["class_covs"]
     assert torch.allclose(covs, covs.transpose(1, 2)) and (torch.linalg.eigvalsh(covs) > 0).all()
     # after the last task the first task's classes (trained only in task 0, realigned by CA)
     # are still recognised well above chance
     assert last_task_accuracy(preds, [4, 6, 2, 7]) > 0.3
     assert last_task_accuracy(preds, [8, 1]) > 0.3
-    # a run that dies after training task 2 but before its classifier alignment, then resumes,
-    # ends where the uninterrupted one does
-    original, crashed = SLCA.end_task, []
+    # a run that dies in task 2's classifier alignment (an engine phase after training), then
+    # resumes, ends where the uninterrupted one does
+    original, crashed = SLCA.training_step, []
 
-    def end_task_crashing_once(self, task_id, context):
-        if task_id == 2 and not crashed:
-            crashed.append(task_id)
+    def training_step_crashing_once(self, batch):
+        if self.task_id == 2 and self.phase == "align" and self.global_step == 5 and not crashed:
+            crashed.append(self.global_step)
             raise RuntimeError("simulated crash")
-        return original(self, task_id, context)
+        return original(self, batch)
 
-    monkeypatch.setattr(SLCA, "end_task", end_task_crashing_once)
+    monkeypatch.setattr(SLCA, "training_step", training_step_crashing_once)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run("slca", "digits_b4inc2", tmp_path / "resumed", {"epochs": 2})
+    assert crashed == [5] and (tmp_path / "resumed" / "ck" / "task2.phase.pt").exists()  # task 2 trained, not aligned
     assert (tmp_path / "resumed" / "ck" / "task1.pt").exists()
     _, resumed, resumed_state = run("slca", "digits_b4inc2", tmp_path / "resumed", {"epochs": 2})
     for key in preds:

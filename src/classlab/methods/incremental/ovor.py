@@ -29,14 +29,23 @@ which raises the logits of ID features (E <= tau_id) and pushes those of the out
 (E >= tau_ood), tightening each task's decision boundary so that a task's head does not claim
 samples of other tasks' classes.
 
-``vor_lambda: 0`` keeps the same end-of-task phase (same epochs, batches, optimizer and schedule
-on the same fixed features) with the cross-entropy alone and synthesises no outliers: the
-``ovor_no_vor`` variant, the baseline that isolates what VOR adds at an equal step budget.
+The VOR phase is an engine phase: a task is ``["train", "vor"]`` (``task_phases``) when
+``vor_epochs`` > 0, checkpointed by the protocol after "train" and by the engine at every epoch
+of "vor", so a killed job resumes inside it. Its loader (``phase_loader``) holds the task's
+features, computed once without augmentation, and the outliers, synthesised once from a
+generator seeded by the run's task seed (the same on resume): each step takes one batch of
+``vor_batch_size`` features (the epoch: every feature once, the last batch ragged) and one batch
+of ``len(outliers) // steps_per_epoch`` outliers (a ``MixedLoader``; both reshuffled every
+epoch). The optimizer is Adam (betas ``(momentum, 0.999)``, no weight decay) on the head only,
+at ``vor_lr`` with a cosine schedule to 0 over the phase.
+
+``vor_lambda: 0`` keeps the same end-of-task phase (same epochs, batches, steps, optimizer and
+schedule on the same fixed features) with the cross-entropy alone and synthesises no outliers:
+the ``ovor_no_vor`` variant, the baseline that isolates what VOR adds at an equal step budget.
 
 Simplified here (and why):
-- the VOR phase runs in ``end_task`` with its own Adam optimizer on the head only (cosine from
-  ``vor_lr`` to 0), on features computed once without augmentation; the paper continues one
-  cosine schedule over the 16 regular + 4 VOR epochs;
+- the VOR phase has its own Adam and cosine from ``vor_lr`` to 0; the paper continues one cosine
+  schedule over the 16 regular + 4 VOR epochs;
 - outliers are centred on the boundary embeddings (z_b + sigma eps) as the paper and NPOS
   describe; the public code adds the noise to the origin (it never adds ``boundary_points``);
 - k-NN is exact (torch.cdist) instead of faiss; K is clipped to the number of ID samples;
@@ -45,12 +54,11 @@ Simplified here (and why):
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from classlab.data.loader import MixedLoader, TensorLoader, mix_seed
 from classlab.methods.registry import register_method
 from classlab.models.prompts import _check_vit, frozen_vit, prefix_attention, prompt_layers, vit_forward  # noqa: F401  (re-exported)
 from classlab.methods.learner import IncrementalLearner, TaskContext
@@ -94,10 +102,14 @@ def vor_loss(id_logits: torch.Tensor, ood_logits: torch.Tensor, tau_id: float = 
     return lam * (F.huber_loss(id_gap, torch.zeros_like(id_gap)) + F.huber_loss(ood_gap, torch.zeros_like(ood_gap)))
 
 
+_OUTLIER_DRAWS = 0x0D  # the stream of the generator that synthesises a task's outliers
+
+
 @register_method("incremental", "ovor")
 class OVOR(IncrementalLearner):
     """Frozen ViT + one shared prefix prompt + linear head; VOR on the head after each task."""
 
+    vor_phase = True  # a subclass without the end-of-task head phase (OnePrompt) sets False
 
     def __init__(self, model, hparams, num_classes):
         super().__init__(model, hparams, num_classes)
@@ -109,9 +121,6 @@ class OVOR(IncrementalLearner):
         for name, n, length in (("g", len(self.g_layers), self.g_len), ("e", len(self.e_layers), self.e_len)):
             if length % 2:
                 raise ValueError(f"{name}_length: {length} must be even (half key, half value prefixes)")
-        # the run's seed (run_incremental seeds torch just before building the learner, also on
-        # resume), so that the outliers of a task do not depend on where a run was resumed
-        self.run_seed = torch.initial_seed()
         init = hparams.get("prompt_init", "uniform")
         # the paper's code initialises prompts uniform in [0, 1)
         self.g_prompt = nn.Parameter(self._init((len(self.g_layers), self.g_len, dim), init))
@@ -153,6 +162,8 @@ class OVOR(IncrementalLearner):
         return self.model.head(self.features(x))
 
     def param_groups(self) -> list[dict]:
+        if self.phase == "vor":  # the head alone
+            return [{"params": list(self.model.head.parameters())}]
         params = [p for p in (self.g_prompt, self.e_prompt) if p.numel()] + list(self.model.head.parameters())
         return [{"params": params}]
 
@@ -161,70 +172,75 @@ class OVOR(IncrementalLearner):
         return logits.masked_fill(~self.new_mask, float("-inf"))
 
     def training_step(self, batch):
+        if self.phase == "vor":
+            return self.vor_step(batch)
         logits = self.task_logits(self.predict(batch["x"]))
         # L_CE = CE(W f_P(x) + b |_{C_t}, y)
         return F.cross_entropy(logits, batch["y"]), {"logits": logits.detach()}
 
-    # --- virtual outlier regularization ---------------------------------------------------
-    def end_task(self, task_id: int, context: TaskContext) -> None:
-        epochs = int(self.hparams.get("vor_epochs", 0))
-        if epochs <= 0 or len(context.task_indices) == 0:
-            return
+    # --- virtual outlier regularization: an engine phase on fixed features ------------------
+    def task_phases(self, task_id: int) -> list[str]:
+        return ["train", "vor"] if self.vor_phase and int(self.hparams.get("vor_epochs", 0)) > 0 else ["train"]
+
+    def phase_hparams(self, phase: str) -> dict:
+        if phase != "vor":
+            return {}
         hp = self.hparams
-        device = self.model.head.weight.device
-        feats = context.embed(context.task_indices).float()
-        labels = context.train_y[context.task_indices].to(device)
-        gen = torch.Generator().manual_seed((self.run_seed * 1000 + task_id) % (2 ** 62))
-        if float(hp.get("vor_lambda", 0.1)) > 0:
-            oods = synthesize_outliers(feats.cpu(), len(context.new_classes), k=int(hp.get("vor_k", 50)),
+        return {"epochs": int(hp["vor_epochs"]), "lr": float(hp.get("vor_lr", hp.get("lr", 1e-3))),
+                "batch_size": int(hp.get("vor_batch_size", hp.get("batch_size", 128))),
+                "schedule": "cosine", "warmup_frac": 0.0, "optimizer": "adam", "optimizer_kwargs": {},
+                "betas": [float(hp.get("momentum", 0.9)), 0.999], "eps": 1e-8, "weight_decay": 0.0,
+                "augment_pad": 0, "augment_hflip": False, "grad_clip": 0.0, "online_iter": 1}
+
+    def phase_loader(self, phase: str, context: TaskContext, trainer):
+        if phase != "vor" or len(context.task_indices) == 0:
+            return None
+        feats = context.embed(context.task_indices).float().cpu()
+        labels = context.train_y[context.task_indices].cpu()
+        oods = None
+        if float(self.hparams.get("vor_lambda", 0.1)) > 0:  # cross-entropy only needs no outliers
+            hp = self.hparams
+            # synthesised once, on the CPU, from the run's task seed: the same outliers on resume
+            gen = torch.Generator().manual_seed(mix_seed(trainer.seed, _OUTLIER_DRAWS))
+            oods = synthesize_outliers(feats, len(context.new_classes), k=int(hp.get("vor_k", 50)),
                                        select=int(hp.get("vor_select", 50)),
                                        sample_from=int(hp.get("vor_sample_from", 600)),
                                        sigma=float(hp.get("vor_sigma", 0.1)),
-                                       per_class=int(hp.get("vor_per_class", 40)), generator=gen).to(device)
-        else:  # cross-entropy only: no outliers are needed
-            oods = feats.new_zeros(0, feats.shape[1]).to(device)
-        feats = feats.to(device)
-        self.vor_fit(feats, labels, oods, epochs, gen)
+                                       per_class=int(hp.get("vor_per_class", 40)), generator=gen)
+        return self.vor_loader(feats, labels, oods, trainer.config.batch_size, trainer.device, trainer.seed)
 
-    def vor_fit(self, feats: torch.Tensor, labels: torch.Tensor, oods: torch.Tensor, epochs: int,
-                gen: torch.Generator | None = None) -> list[float]:
-        """Train the head on fixed ID features and outliers with CE + VOR (CE alone when
-        ``vor_lambda`` is 0; ``oods`` may then be empty); returns the epoch losses."""
-        hp = self.hparams
-        lam = float(hp.get("vor_lambda", 0.1))
+    @staticmethod
+    def vor_loader(feats: torch.Tensor, labels: torch.Tensor, oods: torch.Tensor | None, batch_size: int,
+                   device: torch.device, seed: int):
+        """The VOR phase's loader over float features: an epoch is one pass over the ID features
+        in batches of ``batch_size`` (the last one ragged); with outliers, each step also carries
+        ``len(oods) // steps`` of them (``batch["source"]``: 0 ID, 1 outlier)."""
+        ids = TensorLoader(feats, labels, batch_size, device=device, mean=None, std=None, shuffle=True, seed=seed,
+                           drop_last=False)
+        if oods is None or len(oods) == 0:
+            return ids
+        ood_batch = max(1, len(oods) // len(ids))
+        outliers = TensorLoader(oods.float(), torch.full((len(oods),), -1, dtype=torch.long), ood_batch,
+                                device=device, mean=None, std=None, shuffle=True, seed=seed, drop_last=True)
+        return MixedLoader([ids, outliers], ["id", "ood"])
+
+    def vor_step(self, batch):
+        """CE on the batch's ID features, plus lambda x the energy terms of ID features and outliers."""
+        x, y = batch["x"], batch["y"]
+        source = batch.get("source")
+        is_id = source == 0 if source is not None else torch.ones_like(y, dtype=torch.bool)
         head = self.model.head
-        lr = float(hp.get("vor_lr", hp.get("lr", 1e-3)))
-        opt = torch.optim.Adam(head.parameters(), lr=lr, betas=(float(hp.get("momentum", 0.9)), 0.999))
-        bsz = int(hp.get("vor_batch_size", hp.get("batch_size", 128)))
-        n_batches = max(1, math.ceil(len(feats) / bsz))
-        ood_bsz = max(1, len(oods) // n_batches)
-        total, losses = epochs * n_batches, []
-        step = 0
-        was_training = self.training
-        self.train()
-        with torch.enable_grad():
-            for _ in range(epochs):
-                order = torch.randperm(len(feats), generator=gen).to(feats.device)
-                run = 0.0
-                for b in range(n_batches):
-                    for g in opt.param_groups:   # cosine from vor_lr to 0
-                        g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-                    idx = order[b * bsz:(b + 1) * bsz]
-                    if len(idx) == 0:
-                        continue
-                    id_logits = self.task_logits(head(feats[idx]))
-                    loss = F.cross_entropy(id_logits, labels[idx])
-                    if lam > 0:
-                        ood_logits = head(oods[b * ood_bsz:(b + 1) * ood_bsz])[:, self.new_mask]
-                        # L = CE + lambda [Huber(ReLU(E(z) - tau_id)) + Huber(ReLU(tau_ood - E(v)))]
-                        loss = loss + vor_loss(id_logits[:, self.new_mask], ood_logits,
-                                               float(hp.get("vor_tau_id", -15.0)),
-                                               float(hp.get("vor_tau_ood", -3.0)), lam)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    run += float(loss.detach())
-                    step += 1
-                losses.append(run / n_batches)
-        self.train(was_training)
-        return losses
+        id_logits = self.task_logits(head(x[is_id]).float())
+        loss = F.cross_entropy(id_logits, y[is_id])
+        lam = float(self.hparams.get("vor_lambda", 0.1))
+        if lam > 0 and source is not None:
+            hp = self.hparams
+            ood_logits = head(x[~is_id]).float()[:, self.new_mask]
+            # L = CE + lambda [Huber(ReLU(E(z) - tau_id)) + Huber(ReLU(tau_ood - E(v)))]
+            loss = loss + vor_loss(id_logits[:, self.new_mask], ood_logits, float(hp.get("vor_tau_id", -15.0)),
+                                   float(hp.get("vor_tau_ood", -3.0)), lam)
+        return loss, {"logits": id_logits.detach()}
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if self.phase == "vor":  # the frozen backbone is not run in this phase; keep it in eval mode
+            self.model.backbone.eval()
