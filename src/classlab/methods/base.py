@@ -23,6 +23,37 @@ it needs:
   (fill a memory, recluster, refresh targets).
 - ``forward(x)``: logits for evaluation.
 - ``num_views``: how many augmented views of each image the loader should produce.
+
+How the unusual methods fit through these hooks (sketches the interface was checked against;
+the families that implement them follow them):
+
+- **SAM** (two-step): ``optimizer_step`` does ``loss.backward()``, perturbs the weights by
+  rho g/|g|, calls ``closure()`` for the loss at the perturbed point, backpropagates it, restores
+  the weights and steps. ``closure`` re-runs ``training_step``, which is pure, so nothing is
+  counted twice; BatchNorm statistics should be frozen for the second pass (the method's
+  ``optimizer_step`` sets the BN momentum to 0 around it).
+- **PS-KD** (memory of last epoch's predictions): a buffer ``[N, K]`` indexed by
+  ``batch["index"]``; ``training_step`` reads the previous epoch's row for its target,
+  ``on_after_step`` writes this epoch's softmax into a second buffer, ``on_epoch_end`` swaps them.
+  Both are buffers, so the epoch (and mid-epoch) checkpoint restores them.
+- **GCD / SimCLR** (two views, two sources): ``num_views = 2`` gives ``batch["views"]``; a
+  ``MixedLoader`` over a labelled and an unlabelled source gives ``batch["source"]``.
+- **KD / LwF / iCaRL** (frozen teacher, replay): the teacher is a submodule with
+  ``requires_grad_(False)`` kept in eval mode by ``train()``; a replay memory is the protocol's
+  (``training_indices`` adds its indices to the task's).
+- **NoProp** (blocks trained independently, each with its own optimizer and schedule):
+  ``param_groups()`` returns one group per block, each with its own ``lr``/``base_lr`` (the
+  engine scales every group by the schedule factor), and ``training_step`` returns the sum of the
+  per-block losses, each computed on a detached input, so one backward gives each block only
+  its own gradient. Where blocks need separate optimizer types, ``configure_optimizer`` returns a
+  wrapper whose ``step``/``zero_grad``/``state_dict`` fan out to one optimizer per block.
+- **Dataset condensation** (bi-level inner loop): the trained parameters are the synthetic
+  images (a parameter of the method; the loader yields real batches, possibly a ``MixedLoader``
+  of one source per class). ``training_step`` builds a fresh network from a seed derived from
+  ``global_step``, runs its inner loop functionally (``torch.func.functional_call`` on
+  ``create_graph`` inner updates, or gradient matching without unrolling), and returns the outer
+  loss on the synthetic images; it changes no state, so it stays pure. ``param_groups`` returns
+  the synthetic images (and learnable learning rates where the method has them).
 """
 from __future__ import annotations
 

@@ -295,6 +295,7 @@ class ProtocolRun:
                 row["train_samples"] = int(self.task_train_samples)
             else:
                 context = context or self.context(t)
+                self.learner.hparams = hp  # the task's settings, also on a resume into this phase
                 phase_hp = {**hp, **self.learner.phase_hparams(phase)}
                 trainer = self.trainer(t, phase_hp, suffix=f".{phase}")
                 loader = self.learner.phase_loader(phase, context, trainer)
@@ -306,6 +307,7 @@ class ProtocolRun:
                 save_checkpoint(self._task_state(phase=k), self.ckpt_dir / f"task{t}.phase.pt")
                 trainer.checkpoint.unlink(missing_ok=True)
         self.learner.phase = "train"
+        self.learner.hparams = hp  # end_task sees the task's settings, not the last phase's
         context = context or self.context(t)
         self.before_end_task(t, context)
         self.learner.end_task(t, context)

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 from classlab.methods.incremental.ovor import OVOR
 from classlab.methods.registry import register_method
-from classlab.methods.learner import TaskContext
 
 
 @register_method("incremental", "oneprompt")
 class OnePrompt(OVOR):
-    def end_task(self, task_id: int, context: TaskContext) -> None:
-        return None  # no virtual outlier regularization of the head
+    vor_phase = False  # no end-of-task head phase ("vor"): no virtual outlier regularization
