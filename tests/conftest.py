@@ -79,3 +79,14 @@ def require_system_dependency(present: bool, what: str) -> None:
     if os.environ.get("CLASSLAB_ALLOW_MISSING_SYSTEM_DEPS") == "1":
         pytest.skip(f"{what} is missing (CLASSLAB_ALLOW_MISSING_SYSTEM_DEPS=1)")
     pytest.fail(f"{what} is missing although `make test` installs it (make system-deps)")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (small tensors; deterministic and no oversubscription)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,12 +16,7 @@ from classlab.methods.incremental.napa_vq import NapaVQ, sq_dists, update_edges
 from classlab.models import build_classifier
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 torch thread
 
 
 def _buffers(module) -> dict[str, torch.Tensor]:

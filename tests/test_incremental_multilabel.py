@@ -20,12 +20,7 @@ HP = {"num_selectors": 3, "num_prompts": 2, "num_prompt_layers": 2, "normalize_f
       "temperature": 0.1, "lr": 0.05, "optimizer": "adam", "weight_decay": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 torch thread
 
 
 def _toy_source(n_per_class=4, num_classes=5, size=4):

@@ -1,19 +1,10 @@
-"""The class-incremental protocol (FACIL-style template method).
+"""The class-incremental protocol (FACIL-style template method): single-label class-incremental,
+few-shot and online (Si-Blurry) scenarios.
 
-The protocol owns the scenario, the loop over tasks, the exemplar memory and evaluation; a
-method (an ``IncrementalLearner``) says only what differs:
-
-- ``begin_task(t, new_classes, seen_classes)``: grow heads or branches, freeze an old model;
-- ``training_indices(task, seen, memory)``: which train samples this task trains on
-  (default: the task's samples, plus the memory if ``uses_memory``);
-- ``training_step(batch)``: the loss of one batch (the engine's loop runs it);
-- ``end_task(t, context)``: prototypes, statistics, classifier alignment (the protocol has
-  already updated the exemplar memory with this task's classes);
-- ``predict(x)``: logits over all classes (the protocol masks classes not yet seen).
-
-Everything a learner keeps across tasks is a submodule or buffer allocated for all
-``num_classes`` up front, so that one ``state_dict`` per task checkpoints it and a resumed run
-(task checkpoints, then the engine's epoch checkpoint) ends where an uninterrupted one does.
+The protocol owns the scenario, the exemplar memory and evaluation; the shared runner
+(``classlab.protocols.runner``) owns the loop over tasks, checkpoints and outputs; the learner
+interface (``begin_task``, ``training_indices``, ``training_step``, ``end_task``, ``predict``)
+is documented in ``classlab.methods.learner``.
 """
 from __future__ import annotations
 
