@@ -40,7 +40,8 @@ def _train(a):
     train(a.family, a.method, Path(a.data), a.backbone, a.seed, Path(a.out_dir),
           overrides=overrides, indices=indices, init=Path(a.init) if a.init else None,
           backbone_kwargs=json.loads(a.backbone_kwargs), pretrained_weights=a.pretrained_weights,
-          threads=a.threads, device=a.device, progress=not a.no_progress)
+          threads=a.threads, device=a.device, progress=not a.no_progress,
+          teacher=Path(a.teacher) if a.teacher else None)
 
 
 def _evaluate(a):
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes-from-scenario", default=None,
                    help="scenario JSON: train on its first task's samples only (labels of later tasks unseen)")
     p.add_argument("--pretrained-weights", action="store_true")
+    p.add_argument("--teacher", default=None, help="model.pt of a teacher on the same dataset and classes (distillation)")
     _add_execution_options(p)
     p.set_defaults(func=_train)
 

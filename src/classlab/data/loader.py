@@ -103,6 +103,7 @@ class TensorLoader:
         if batch_size < 1 or views < 1:
             raise ValueError(f"batch_size and views must be >= 1, got {batch_size} and {views}")
         self.device = torch.device(device)
+        self.num_train_samples = len(x)  # size of the whole split, which ``index`` positions refer to
         if indices is not None:
             indices = torch.as_tensor(indices, dtype=torch.long)
             x, y = x[indices], y[indices]

@@ -23,6 +23,7 @@ from classlab.data.loader import AugmentSpec, TensorLoader
 from classlab.engine.checkpoint import load_checkpoint, save_checkpoint
 from classlab.engine.device import autocast, place
 from classlab.engine.faults import maybe_kill
+from classlab.engine.predict import predict_outputs
 from classlab.engine.fingerprint import check_resume
 from classlab.engine.schedule import lr_factor
 
@@ -243,14 +244,8 @@ def _skip(loader, first: int):
             yield batch
 
 
-@torch.no_grad()
 def predict_logits(model: torch.nn.Module, x: torch.Tensor, mean, std, device: torch.device,
                    batch_size: int = 512) -> torch.Tensor:
-    """Logits of ``model`` on uint8 images ``x`` (no augmentation), gathered on the CPU as float32."""
-    place(model.eval(), device)
-    loader = TensorLoader(x, torch.zeros(len(x), dtype=torch.long), batch_size, device=device, mean=mean, std=std)
-    out = []
-    for batch in loader:
-        with autocast(device):
-            out.append(model(batch["x"]).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    """Logits of ``model`` on ``x`` (no augmentation), on the CPU as float32: the ``logits`` output
+    of ``classlab.engine.predict.predict_outputs``."""
+    return predict_outputs(model, x, mean, std, device, batch_size=batch_size)["logits"]

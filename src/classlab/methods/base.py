@@ -23,6 +23,16 @@ it needs:
   (fill a memory, recluster, refresh targets).
 - ``forward(x)``: logits for evaluation.
 - ``num_views``: how many augmented views of each image the loader should produce.
+- ``training_stages()`` / ``end_stage(name, loader)``: a run made of stages (USEFUL: train
+  briefly, resample, retrain from scratch). Each stage is a full ``fit`` with its own schedule and
+  checkpoint; ``end_stage`` may return the next stage's training set (train-split positions,
+  duplicates allowed), which the engine writes to the run's outputs. ``stage`` names the current one.
+- ``set_teacher(teacher, meta)``: a frozen teacher model (distillation), checked by the engine to
+  share the student's dataset and classes.
+- ``evaluate_with_method``: True when prediction is not ``self.model(x)`` (NoProp's chain, a
+  kernel classifier): the saved model then carries the method's state and evaluation calls
+  ``method(x)``. ``head_trained``: False where a pretraining leaves the head untrained (SimCLR),
+  so fine-tuning starts a fresh one. ``class_names``: the dataset's, set before training.
 
 How the unusual methods fit through these hooks (sketches the interface was checked against;
 the families that implement them follow them):
@@ -68,6 +78,8 @@ class Method(nn.Module):
     family: str = ""
     num_views: int = 1
     augment: bool = True  # set False for methods that train on fixed features
+    evaluate_with_method: bool = False  # predictions come from ``method(x)``, not ``model(x)``
+    head_trained: bool = True  # False: the model's classification head is left untrained
 
     def __init__(self, model: nn.Module, hparams: dict, num_classes: int):
         super().__init__()
@@ -75,6 +87,8 @@ class Method(nn.Module):
         self.hparams = dict(hparams)
         self.num_classes = num_classes
         self.global_step = 0  # set by the engine before each training_step
+        self.stage = "train"  # the current stage's name (see ``training_stages``)
+        self.class_names: list[str] = [f"class {k}" for k in range(num_classes)]  # set by the engine
 
     # --- what is trained --------------------------------------------------------------
     def param_groups(self) -> list[dict]:
@@ -109,6 +123,22 @@ class Method(nn.Module):
             params = [p for g in optimizer.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.hparams["grad_clip"])
         optimizer.step()
+
+    # --- stages and teachers ---------------------------------------------------------
+    def training_stages(self) -> list[dict]:
+        """The stages of one run, in order. Each is ``{"name": ...}`` plus optionally ``"epochs"``
+        (else the ``epochs`` hyperparameter) and ``"reinit": True`` (the model starts again from the
+        run's initial weights, with a new optimizer)."""
+        return [{"name": "train"}]
+
+    def end_stage(self, name: str, loader) -> torch.Tensor | None:
+        """After stage ``name`` (not the last): ``loader`` runs over the stage's training samples in
+        order, unaugmented. Return train-split positions to make them the next stage's training
+        set (duplicates upsample), or None to keep it."""
+        return None
+
+    def set_teacher(self, teacher: nn.Module, meta: dict) -> None:
+        raise ValueError(f"method {self.family}/{self.name} takes no teacher")
 
     # --- run and epoch boundaries -----------------------------------------------------
     def on_before_step(self, batch: dict) -> None:

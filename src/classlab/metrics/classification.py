@@ -24,6 +24,30 @@ def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((np.asarray(logits).argmax(axis=1) == labels).mean())
 
 
+def top_k_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Share of samples whose label is among the ``k`` highest scores (ties broken by index)."""
+    logits = np.asarray(logits)
+    k = min(k, logits.shape[1])
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    return float((top == np.asarray(labels)[:, None]).any(axis=1).mean())
+
+
+def shot_group_accuracy(per_class: list, class_counts: list) -> dict:
+    """Mean per-class accuracy over the many-, medium- and few-shot classes of a long-tailed
+    training set. The classes are ranked by training count and cut in thirds (many: the top
+    third, few: the bottom third, medium: the rest); ImageNet-LT's fixed thresholds (>100, <20
+    images) assume its scale, thirds carry over to any scale. Ties keep the class order."""
+    order = sorted(range(len(class_counts)), key=lambda c: (-class_counts[c], c))
+    third = len(order) // 3
+    groups = {"many": order[:third], "medium": order[third:len(order) - third], "few": order[len(order) - third:]}
+    out = {}
+    for name, classes in groups.items():
+        values = [per_class[c] for c in classes if per_class[c] is not None]
+        out[f"{name}_shot_top1"] = float(np.mean(values)) if values else None
+        out[f"{name}_shot_classes"] = classes
+    return out
+
+
 def per_class_accuracy(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Recall of each class; NaN for a class with no samples."""
     pred = np.asarray(logits).argmax(axis=1)
@@ -78,6 +102,7 @@ def summarize_classification(logits: np.ndarray, labels: np.ndarray, num_classes
     pca = per_class_accuracy(logits, labels, num_classes)
     return {
         "top1": top1_accuracy(logits, labels),
+        "top5": top_k_accuracy(logits, labels, 5),
         "balanced_top1": float(np.nanmean(pca)),
         "per_class_accuracy": [None if np.isnan(v) else float(v) for v in pca],
         "nll": negative_log_likelihood(logits, labels),

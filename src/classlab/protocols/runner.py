@@ -101,7 +101,7 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 class ProtocolRun:
     kind: str = ""             # the scenario kind a learner must list in ``scenario_kinds``
-    uses_task_seed_offset = 1000
+    task_seed_stride = 1000  # task t of seed s trains with seed s * stride + t
 
     def __init__(self, method: str, data_dir: Path, backbone: str, seed: int, ckpt_dir: Path, eval_dir: Path,
                  overrides: dict | None = None, init: Path | None = None, backbone_kwargs: dict | None = None,
@@ -182,7 +182,7 @@ class ProtocolRun:
     def trainer(self, t: int, hparams: dict, suffix: str = "") -> Trainer:
         self.learner.hparams = hparams
         return Trainer(self.learner, TrainConfig.from_hparams(hparams), self.device,
-                       self.seed * self.uses_task_seed_offset + t, self.ckpt_dir / f"task{t}{suffix}_last.pt",
+                       self.seed * self.task_seed_stride + t, self.ckpt_dir / f"task{t}{suffix}_last.pt",
                        self.progress, fingerprint={**self.fingerprint, "task": str(t), "phase": suffix or "train"})
 
     def reseed(self, t: int) -> None:
