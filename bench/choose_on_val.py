@@ -1,0 +1,152 @@
+"""``make choices``: re-measure, on the validation split, the settings the README reports choosing.
+
+Each choice is a pair of settings of one run, trained over seeds 0, 1, 2 with everything else
+equal; the score is read on the validation split that ``prepare`` holds out from train (the
+test split is never read here). Prints one JSON line per choice (the per-seed scores of both
+settings, the mean paired difference with its 95% t-interval, and which setting the
+validation split prefers) and writes them to ``results/choices/choices.jsonl``.
+
+- ``pretrain_epochs``: the shared supervised pretraining at 5 epochs (the default) vs 4;
+  score: the pretrained model's own ``val_top1``.
+- ``head_init``: ``erm`` fine-tuned from the 5-epoch backbone with the pretraining head
+  (``auto``, the default) vs a fresh head; score: ``val_top1``.
+- ``slca_freeze_bn_stats``, ``ovor_augment_pad``, ``prd_prototypes_lr``: the three
+  incremental options first chosen on the test split, on the scenarios of
+  ``config/incremental_cpu.yaml``; score: ``val_last_accuracy`` (the validation split's seen
+  classes after the last task).
+
+Runs are cached under ``results/choices/``: a rerun skips what is done.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+from scipy import stats
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "results" / "choices"
+DATA = ROOT / "data" / "prepared" / "fashion_mnist"
+SEEDS = [int(s) for s in os.environ.get("CHOICE_SEEDS", "0,1,2").split(",")]
+ONLY = set(filter(None, os.environ.get("CHOICES", "").split(",")))
+
+
+def _config(name: str) -> dict:
+    return yaml.safe_load((ROOT / "config" / name).read_text())
+
+
+def cli(*args: str, log: Path) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
+        subprocess.run([sys.executable, "-m", "classlab.cli", *args, "--threads", "2", "--no-progress"]
+                       if args[0] not in ("build-scenario", "evaluate-incremental", "evaluate") else
+                       [sys.executable, "-m", "classlab.cli", *args], check=True, stdout=fh, stderr=fh, cwd=ROOT)
+
+
+def convnet() -> str:
+    return json.dumps(_config("config.yaml")["backbone_kwargs"]["convnet"])
+
+
+def supervised_model(name: str, seed: int, overrides: dict, family: str = "pretrain", method: str = "supervised",
+                     init: Path | None = None) -> dict:
+    out = OUT / name / f"seed{seed}"
+    if not (out / "model.pt").exists():
+        args = ["train", "--family", family, "--method", method, "--data", str(DATA), "--backbone", "convnet",
+                "--backbone-kwargs", convnet(), "--seed", str(seed), "--out-dir", str(out),
+                "--overrides", json.dumps(overrides)]
+        cli(*args, *(["--init", str(init)] if init else []), log=out / "train.log")
+    if not (out / "eval" / "metrics.json").exists():
+        cli("evaluate", "--model", str(out / "model.pt"), "--data", str(DATA), "--out-dir", str(out / "eval"),
+            log=out / "eval.log")
+    return json.loads((out / "eval" / "metrics.json").read_text())
+
+
+def incremental_run(name: str, seed: int, scenario: str, method: str, overrides: dict) -> dict:
+    cfg = _config("incremental_cpu.yaml")
+    spec = dict(cfg["families"]["incremental"]["scenarios"][scenario])
+    base = OUT / "incremental" / scenario / f"seed{seed}"
+    scen = base / "scenario.json"
+    if not scen.exists():
+        cli("build-scenario", "--data", str(DATA), "--params", json.dumps(spec),
+            "--seed", str(seed), "--out", str(scen), log=base / "scenario.log")
+    init = []
+    if spec["init"] != "scratch":
+        pre = base / "pretrain_first_task"
+        if not (pre / "model.pt").exists():
+            cli("train", "--family", "pretrain", "--method", "supervised", "--data", str(DATA), "--backbone",
+                "convnet", "--backbone-kwargs", convnet(), "--seed", str(seed), "--out-dir", str(pre),
+                "--overrides", json.dumps(cfg["pretrain"]["overrides"]), "--classes-from-scenario", str(scen),
+                log=pre / "train.log")
+        init = ["--init", str(pre / "model.pt")]
+    run = base / name
+    merged = dict(cfg["families"]["incremental"].get("overrides", {}).get(method, {}), **overrides)
+    if not (run / "metrics.json").exists():
+        cli("train-incremental", "--method", method, "--data", str(DATA), "--scenario", str(scen), "--backbone",
+            "convnet", "--backbone-kwargs", convnet(), "--seed", str(seed), "--ckpt-dir", str(run / "ck"),
+            "--eval-dir", str(run / "ev"), "--overrides", json.dumps(merged), *init, log=run / "train.log")
+        cli("evaluate-incremental", "--predictions", str(run / "ev" / "predictions.npz"), "--history",
+            str(run / "ck" / "history.json"), "--scenario", str(scen), "--out", str(run / "metrics.json"),
+            log=run / "eval.log")
+    return json.loads((run / "metrics.json").read_text())
+
+
+def compare(choice: str, default: str, alternative: str, score, metric: str) -> dict:
+    a = np.array([score(default, s)[metric] for s in SEEDS])
+    b = np.array([score(alternative, s)[metric] for s in SEEDS])
+    d = a - b
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+    lo, hi = d.mean() - half, d.mean() + half
+    verdict = ("keeps the default" if lo > 0 else "prefers the alternative" if hi < 0 else "inconclusive")
+    row = {"choice": choice, "metric": metric, "seeds": SEEDS, "default": default, "alternative": alternative,
+           "default_scores": a.round(4).tolist(), "alternative_scores": b.round(4).tolist(),
+           "mean_difference": round(float(d.mean()), 4), "ci95": [round(float(lo), 4), round(float(hi), 4)],
+           "validation": verdict}
+    print(json.dumps(row), flush=True)
+    with open(OUT / "choices.jsonl", "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    return row
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    if not (DATA / "manifest.json").exists():
+        sys.exit(f"{DATA} is not prepared: run `make run` (or snakemake data/prepared/fashion_mnist/manifest.json)")
+    pre = _config("config.yaml")["pretrain"]["overrides"]
+    epochs5 = dict(pre)  # the default node's settings (5 epochs from the method YAML)
+
+    def pretrain(setting: str, seed: int) -> dict:
+        return supervised_model(f"pretrain_{setting}", seed, dict(epochs5, **({"epochs": 4} if setting == "4ep" else {})))
+
+    def erm(setting: str, seed: int) -> dict:
+        init = OUT / "pretrain_5ep" / f"seed{seed}" / "model.pt"
+        pretrain("5ep", seed)
+        return supervised_model(f"erm_head_{setting}", seed, {"head_init": setting}, "supervised", "erm", init)
+
+    choices = {
+        "pretrain_epochs": lambda: compare("pretrain_epochs", "5ep", "4ep", pretrain, "val_top1"),
+        "head_init": lambda: compare("head_init", "auto", "fresh", erm, "val_top1"),
+        "slca_freeze_bn_stats": lambda: compare(
+            "slca_freeze_bn_stats", "frozen", "updated",
+            lambda s, seed: incremental_run(f"slca_{s}", seed, "b4inc2_small", "slca",
+                                            {"freeze_bn_stats": s == "frozen"}), "val_last_accuracy"),
+        "ovor_augment_pad": lambda: compare(
+            "ovor_augment_pad", "pad0", "pad2",
+            lambda s, seed: incremental_run(f"ovor_{s}", seed, "b4inc2_small", "ovor",
+                                            {"augment_pad": int(s[-1])}), "val_last_accuracy"),
+        "prd_prototypes_lr": lambda: compare(
+            "prd_prototypes_lr", "lr0.1", "lr0.01",
+            lambda s, seed: incremental_run(f"prd_{s}", seed, "b0inc2_small", "prd",
+                                            {"prototypes_lr": float(s[2:])}), "val_last_accuracy"),
+    }
+    for name, run in choices.items():
+        if not ONLY or name in ONLY:
+            run()
+
+
+if __name__ == "__main__":
+    main()
