@@ -7,7 +7,7 @@ CORES ?= 2
 SNAKEMAKE := $(BIN)/snakemake
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup system-deps run report test test-fast bench faults lint clean
+.PHONY: setup system-deps run report test test-fast bench faults choices lint clean
 
 setup: $(VENV)/.installed system-deps
 
@@ -71,6 +71,10 @@ bench: setup
 # Reliability: SIGKILL small training jobs at 20 random points, resume, count bit-identical endings.
 faults: setup
 	$(BIN)/python bench/faults.py
+
+# Re-measure on the validation split the settings the README reports choosing (about an hour).
+choices: setup
+	$(BIN)/python bench/choose_on_val.py
 
 clean:
 	rm -rf results logs .snakemake

@@ -274,6 +274,18 @@ def test_killed_incremental_run_resumes_to_identical_predictions(tmp_path):
         assert sorted(a.files) == sorted(b.files)
         for key in a.files:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        # the last task also scores the validation split (every class seen by then), for choosing options
+        val = load_prepared(tmp_path / "prep").val
+        np.testing.assert_array_equal(a["val_labels_last"], val.y.numpy())
+    metrics = tmp_path / "metrics.json"
+    subprocess.run([sys.executable, "-m", "classlab.cli", "evaluate-incremental", "--predictions",
+                    str(tmp_path / "ev" / "predictions.npz"), "--history", str(tmp_path / "ck" / "history.json"),
+                    "--scenario", str(scen), "--out", str(metrics)], check=True, env=env_with_venv(),
+                   capture_output=True, timeout=300)
+    m = json.loads(metrics.read_text())
+    with np.load(tmp_path / "ev" / "predictions.npz") as z:
+        expected = float((z["val_logits_last"].argmax(1) == z["val_labels_last"]).mean())
+    assert m["val_last_accuracy"] == pytest.approx(expected) and 0 < expected <= 1
 
 
 def test_joint_trains_on_everything_seen_and_finetune_on_the_task_only():

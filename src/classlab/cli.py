@@ -146,7 +146,11 @@ def _evaluate_incremental(a):
         steps = [(z[f"logits_task{t}"].argmax(1), z[f"labels_task{t}"]) for t in range(scenario.num_tasks)]
         curves = [f"anytime_task{t}" for t in range(scenario.num_tasks) if f"anytime_task{t}" in z.files]
         anytime = np.concatenate([z[k] for k in curves]) if curves else None  # in task order, not name order
+        val = (z["val_logits_last"].argmax(1), z["val_labels_last"]) if "val_logits_last" in z.files else None
     metrics = summarize_incremental(steps, scenario.task_of_class(), scenario.kind, anytime)
+    if val is not None and len(val[1]):
+        # accuracy on the validation split's seen classes after the last task: options are chosen here
+        metrics["val_last_accuracy"] = float((val[0] == val[1]).mean())
     metrics.update({k: meta[k] for k in ("dataset", "method", "seed", "backbone", "scenario", "scenario_kind")})
     metrics.update({k: meta[k] for k in ("provenance", "train_steps", "batch_size") if k in meta})
     metrics["task_classes"] = [t.classes for t in scenario.tasks]

@@ -161,6 +161,13 @@ class IncrementalRun(ProtocolRun):
         logits = self.predict_masked(self.data.test.x[mask], self.mean, self.std)
         self.outputs[f"logits_task{t}"] = logits.numpy().astype(np.float32)
         self.outputs[f"labels_task{t}"] = test_y[mask].numpy()
+        if t == self.scenario.num_tasks - 1 and len(self.data.val):
+            # the validation split (held out from train by prepare) on the classes seen at the end:
+            # where a method's options are chosen, so the test split only reports
+            val_mask = torch.isin(self.data.val.y, torch.tensor(classes, dtype=self.data.val.y.dtype))
+            val_logits = self.predict_masked(self.data.val.x[val_mask], self.mean, self.std)
+            self.outputs["val_logits_last"] = val_logits.numpy().astype(np.float32)
+            self.outputs["val_labels_last"] = self.data.val.y[val_mask].numpy()
         if self.scenario.kind == "si_blurry":
             rows = [[r[0], r[2]] for r in getattr(self, "task_step_log", [])]
             self.outputs[f"anytime_task{t}"] = np.array(rows, dtype=np.float64).reshape(-1, 2)
