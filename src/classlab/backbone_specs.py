@@ -34,6 +34,14 @@ BACKBONE_KWARGS: dict[str, dict[str, dict]] = {
         "attn_drop_rate": _RATE,
         "drop_path_rate": _RATE,
     },
+    # DeepMLP: `depth` fully connected ReLU layers of `width` units on the flattened image;
+    # init "simple" is N(0, init_std^2) (Neelakantan et al. 2015's poor init), "he" N(0, 2/fan_in)
+    "deep_mlp": {
+        "depth": {"type": "integer", "minimum": 1},
+        "width": {"type": "integer", "minimum": 1},
+        "init": {"type": "string", "enum": ["simple", "he"]},
+        "init_std": {"type": "number", "exclusiveMinimum": 0},
+    },
 }
 
 

@@ -70,10 +70,56 @@ def _vit_tiny_p4(in_chans: int, pretrained: bool, img_size: int = 28, **kw) -> n
                              img_size=img_size, patch_size=4, **kw)
 
 
+class DeepMLP(nn.Module):
+    """A deep fully connected ReLU network on the flattened image: the model of Neelakantan et al.,
+    "Adding Gradient Noise Improves Learning for Very Deep Networks" (arXiv 1511.06807, 2015), whose
+    MNIST experiment trains ``depth`` = 20 hidden layers of ``width`` = 50 units (the Classifier's
+    head is the output layer).
+
+    ``init``: "simple", the paper's poor initialisation, every weight drawn from N(0, init_std^2)
+    with init_std 0.1 (biases zero); with 50 units a layer and ReLU the signal shrinks about 2x per
+    layer, so the 20-layer net starts with almost no gradient. "he": N(0, 2 / fan_in) (He et al.,
+    2015), one of the paper's good initialisations, for comparison. Stages block0 ..
+    block{depth-1} are the hidden layers' activations (after their ReLU), (B, width).
+    """
+
+    def __init__(self, in_features: int, depth: int = 20, width: int = 50, init: str = "simple",
+                 init_std: float = 0.1):
+        super().__init__()
+        if init not in ("simple", "he"):
+            raise ValueError(f"deep_mlp init must be 'simple' or 'he', got {init!r}")
+        prev = in_features
+        for i in range(depth):
+            linear = nn.Linear(prev, width)
+            std = init_std if init == "simple" else (2.0 / prev) ** 0.5
+            nn.init.normal_(linear.weight, 0.0, std)
+            nn.init.zeros_(linear.bias)
+            self.add_module(f"block{i}", nn.Sequential(linear, nn.ReLU()))
+            prev = width
+        self.depth = depth
+        self.num_features = width
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.flatten(1)
+        for i in range(self.depth):
+            h = getattr(self, f"block{i}")(h)
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)
+
+
+def _deep_mlp(in_chans: int, pretrained: bool, img_size: int = 28, **kw) -> nn.Module:
+    if pretrained:
+        raise ValueError("deep_mlp has no published weights; set pretrained: false")
+    return DeepMLP(in_chans * img_size * img_size, **kw)
+
+
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "convnet": _convnet,
     "resnet18": _resnet18_small,
     "vit_tiny": _vit_tiny_p4,
+    "deep_mlp": _deep_mlp,
 }
 
 
@@ -84,7 +130,7 @@ def build_backbone(name: str, in_chans: int, pretrained: bool = False, img_size:
     from classlab.backbone_specs import check_backbone_kwargs
 
     check_backbone_kwargs(name, kwargs)  # the declared keywords only (SmallConvNet would swallow any)
-    if name == "vit_tiny" and img_size is not None:
+    if name in ("vit_tiny", "deep_mlp") and img_size is not None:
         kwargs["img_size"] = img_size
     return BACKBONES[name](in_chans=in_chans, pretrained=pretrained, **kwargs)
 
@@ -119,6 +165,7 @@ def build_classifier(backbone: str, in_chans: int, num_classes: int, img_size: i
 #   resnet18: stem (after the first conv/BN/ReLU), layer1 .. layer4, (B, C, H, W);
 #   vit_tiny: block0 .. block11: each transformer block's patch tokens as a map
 #             (B, D, H/4, W/4), class token dropped (timm's NCHW intermediates).
+#   deep_mlp: block0 .. block{depth-1}: each hidden layer's activation (after its ReLU), (B, width).
 # timm backbones that offer ``forward_intermediates`` (ResNet, ViT) are read through it;
 # the rest through forward hooks. Any submodule name of the classifier (``backbone.blocks.3``,
 # ``head``) is accepted too and gives that module's raw output through a hook.
