@@ -330,3 +330,28 @@ def test_first_task_pretraining_sees_only_the_first_tasks_subset(tmp_path):
     meta = json.loads((out / "history.json").read_text())["meta"]
     assert meta["train_samples"] == 4 * 5
     assert json.loads(meta["hparams"])["classes"] == scen.tasks[0].classes
+
+
+def test_first_task_pretraining_refuses_an_empty_first_task(tmp_path):
+    """Si-Blurry's boundaries are drawn with replacement: a first task can be empty, and pretraining
+    on it must stop with a message naming the problem instead of training on nothing."""
+    from classlab.data.prepare import load_prepared, prepare
+    from classlab.data.registry import get_dataset
+
+    get_dataset("digits").download(tmp_path / "raw")
+    data = tmp_path / "prep"
+    prepare("digits", tmp_path / "raw", data)
+    labels = load_prepared(data).train.y.numpy()
+    build_scenario("class_incremental", "digits", labels, 10, seed=0, initial=4, increment=2).save(tmp_path / "s.json")
+    doc = json.loads((tmp_path / "s.json").read_text())
+    doc["tasks"][0]["train_indices"] = []
+    (tmp_path / "s.json").write_text(json.dumps(doc))
+    out = tmp_path / "pre"
+    proc = subprocess.run([sys.executable, "-m", "classlab.cli", "train", "--family", "pretrain", "--method",
+                           "supervised", "--data", str(data), "--backbone", "convnet", "--backbone-kwargs",
+                           json.dumps({"widths": [4], "pool_after": [0]}), "--seed", "0", "--classes-from-scenario",
+                           str(tmp_path / "s.json"), "--out-dir", str(out), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "the first task holds no training samples" in proc.stderr
+    assert not (out / "model.pt").exists()

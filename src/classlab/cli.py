@@ -36,6 +36,10 @@ def _train(a):
         # the first task's samples only (its subset, where the scenario keeps one): later tasks'
         # classes and the first task's unused samples are never seen
         first = ClassIncrementalScenario.load(Path(a.classes_from_scenario)).tasks[0]
+        if not len(first.train_indices):
+            # Si-Blurry draws task boundaries with replacement, so a first task can be empty
+            raise SystemExit(f"{a.classes_from_scenario}: the first task holds no training samples, so there is "
+                             f"nothing to pretrain on; use init: scratch for this scenario or another seed")
         overrides["classes"], indices = first.classes, sorted(first.train_indices)
     train(a.family, a.method, Path(a.data), a.backbone, a.seed, Path(a.out_dir),
           overrides=overrides, indices=indices, init=Path(a.init) if a.init else None,
