@@ -9,7 +9,7 @@ from classlab.methods.registry import METHODS, get_method, list_methods
 from classlab.models import build_classifier
 
 
-@pytest.mark.parametrize("family", ["pretrain", "supervised", "incremental"])
+@pytest.mark.parametrize("family", ["pretrain", "supervised", "incremental", "distill"])
 def test_each_module_registers_the_method_it_is_named_after(family):
     for name in list_methods(family):
         importlib.import_module(f"classlab.methods.{family}.{name}")

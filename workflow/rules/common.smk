@@ -29,7 +29,7 @@ def _alternatives(values):
 wildcard_constraints:
     dataset=_alternatives(DATASETS),
     seed=_alternatives(SEEDS),
-    backbone=_alternatives(["convnet", "resnet18", "vit_tiny"]),
+    backbone=_alternatives(["convnet", "resnet18", "vit_tiny", "deep_mlp"]),
     pretrain=_alternatives([PRETRAIN]),
 
 
