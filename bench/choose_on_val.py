@@ -53,8 +53,13 @@ def convnet() -> str:
 
 
 def supervised_model(name: str, seed: int, overrides: dict, family: str = "pretrain", method: str = "supervised",
-                     init: Path | None = None) -> dict:
+                     init: Path | None = None, dag_model: Path | None = None) -> dict:
+    """Train (unless done) and evaluate one run. ``dag_model``: the default DAG's model.pt of the very
+    same computation; where `make run` has made it, it is evaluated instead of trained again."""
     out = OUT / name / f"seed{seed}"
+    if dag_model is not None and dag_model.exists() and not (out / "model.pt").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model.pt").symlink_to(dag_model.resolve())
     if not (out / "model.pt").exists():
         args = ["train", "--family", family, "--method", method, "--data", str(DATA), "--backbone", "convnet",
                 "--backbone-kwargs", convnet(), "--seed", str(seed), "--out-dir", str(out),
@@ -119,13 +124,19 @@ def main() -> None:
     pre = _config("config.yaml")["pretrain"]["overrides"]
     epochs5 = dict(pre)  # the default node's settings (5 epochs from the method YAML)
 
+    dag = ROOT / "results" / "checkpoints"
+
     def pretrain(setting: str, seed: int) -> dict:
-        return supervised_model(f"pretrain_{setting}", seed, dict(epochs5, **({"epochs": 4} if setting == "4ep" else {})))
+        default = dag / "pretrain" / "fashion_mnist" / "convnet" / "supervised" / f"seed{seed}" / "model.pt"
+        return supervised_model(f"pretrain_{setting}", seed, dict(epochs5, **({"epochs": 4} if setting == "4ep" else {})),
+                                dag_model=default if setting == "5ep" else None)
 
     def erm(setting: str, seed: int) -> dict:
         init = OUT / "pretrain_5ep" / f"seed{seed}" / "model.pt"
         pretrain("5ep", seed)
-        return supervised_model(f"erm_head_{setting}", seed, {"head_init": setting}, "supervised", "erm", init)
+        default = dag / "supervised" / "fashion_mnist" / "convnet" / "erm" / f"seed{seed}" / "model.pt"
+        return supervised_model(f"erm_head_{setting}", seed, {"head_init": setting}, "supervised", "erm", init,
+                                dag_model=default if setting == "auto" else None)
 
     choices = {
         "pretrain_epochs": lambda: compare("pretrain_epochs", "5ep", "4ep", pretrain, "val_top1"),
