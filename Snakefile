@@ -16,7 +16,7 @@ if not config:
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
-include: "workflow/rules/supervised.smk"
+include: "workflow/rules/classifiers.smk"
 include: "workflow/rules/incremental.smk"
 include: "workflow/rules/report.smk"
 
@@ -28,9 +28,9 @@ report: "workflow/report/workflow.rst"
 localrules:
     all,
     download_dataset,
-    aggregate_supervised,
+    aggregate_classifiers,
     merge_claims,
-    plot_supervised,
+    plot_classifiers,
     build_scenario,
     evaluate_incremental,
     evaluate_multilabel,

@@ -35,8 +35,8 @@ def test_smoke_run_on_slurm(cluster, tmp_path, monkeypatch):
     # training and evaluation went through sbatch; downloads, tables and plots stayed local
     remote = {line[len("rule "):].rstrip(":") for line in log.splitlines() if line.startswith("rule ")}
     local = {line[len("localrule "):].rstrip(":") for line in log.splitlines() if line.startswith("localrule ")}
-    assert {"pretrain_backbone", "finetune_supervised", "evaluate_supervised"} <= remote, remote
-    assert {"download_dataset", "aggregate_supervised", "plot_supervised"} <= local, local
+    assert {"pretrain_backbone", "train_classifier", "evaluate_classifier"} <= remote, remote
+    assert {"download_dataset", "aggregate_classifiers", "plot_classifiers"} <= local, local
     assert log.count("has been submitted with SLURM jobid") == len(
         [l for l in log.splitlines() if l.startswith("rule ")])
     summary = pd.read_csv(work / "results/tables/supervised/summary.csv")

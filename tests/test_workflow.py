@@ -45,7 +45,7 @@ def test_second_concurrent_run_is_refused_by_the_lock(smoke_run, tmp_path):
     shutil.copytree(smoke_run, work, symlinks=True)
     # re-evaluating every run keeps the first instance busy (and locked) for tens of seconds
     cmd = [str(VENV_BIN / "snakemake"), "-c1", "--configfile", "config/smoke.yaml",
-           "--forcerun", "evaluate_supervised"]
+           "--forcerun", "evaluate_classifier"]
     first = subprocess.Popen(cmd, cwd=work, env=env_with_venv(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     locks = work / ".snakemake" / "locks"
     deadline = time.time() + 120
@@ -55,7 +55,7 @@ def test_second_concurrent_run_is_refused_by_the_lock(smoke_run, tmp_path):
         time.sleep(0.05)
     # --rerun-incomplete (as in the default profile) skips the incomplete-file guard, so only
     # the lock stands between the two runs
-    second = snakemake(work, "-c1", "--configfile", "config/smoke.yaml", "--forcerun", "aggregate_supervised",
+    second = snakemake(work, "-c1", "--configfile", "config/smoke.yaml", "--forcerun", "aggregate_classifiers",
                        "--rerun-incomplete", check=False)
     first_out = first.communicate(timeout=600)[0]
     assert first.returncode == 0, first_out[-3000:]

@@ -300,6 +300,22 @@ def _check_backbone_kwargs(config: dict) -> list[str]:
     return problems
 
 
+def _validate_teacher(teacher: dict) -> list[str]:
+    """The distillation teacher: its backbone's keywords and its pretraining overrides."""
+    from classlab.backbone_specs import BACKBONE_KWARGS
+
+    problems, declared = [], BACKBONE_KWARGS.get(teacher["backbone"], {})
+    for key, value in teacher.get("backbone_kwargs", {}).items():
+        if key not in declared:
+            problems.append(f"config key families.distill.teacher.backbone_kwargs.{key}: {teacher['backbone']} "
+                            f"accepts no keyword {key!r}; allowed: {sorted(declared)} (src/classlab/backbone_specs.py)")
+            continue
+        for message in _fragment_errors(declared[key], value):
+            problems.append(f"config key families.distill.teacher.backbone_kwargs.{key}: {message}")
+    return problems + _check_method("pretrain", "supervised", teacher.get("overrides"),
+                                    "families.distill.teacher.overrides")
+
+
 def validate_config(config: dict) -> dict:
     """Validate ``config`` in place (filling schema defaults) or raise ConfigError.
 
@@ -317,6 +333,11 @@ def validate_config(config: dict) -> dict:
     config.setdefault("mirrors", {})
     config["pretrain"].setdefault("overrides", {})
     config["pretrain"].setdefault("backbone_overrides", {})
+    config["pretrain"].setdefault("others", {})
+    if "distill" in config["families"]:
+        teacher = config["families"]["distill"]["teacher"]
+        teacher.setdefault("backbone_kwargs", {})
+        teacher.setdefault("overrides", {})
 
     problems = _check_backbone_kwargs(config)
     pretrain = config["pretrain"]
@@ -324,8 +345,12 @@ def validate_config(config: dict) -> dict:
     for backbone, overrides in pretrain["backbone_overrides"].items():  # overrides, then the backbone's own
         problems += _check_method("pretrain", pretrain["method"], pretrain["overrides"], "pretrain.overrides",
                                   [(overrides, f"pretrain.backbone_overrides.{backbone}")])
+    for name, overrides in pretrain["others"].items():
+        problems += _check_method("pretrain", name, overrides, f"pretrain.others.{name}")
     if "incremental" in config["families"]:
         problems += _validate_incremental(config)
+    if "distill" in config["families"]:
+        problems += _validate_teacher(config["families"]["distill"]["teacher"])
     for family, spec in config["families"].items():
         known = list_methods(family)
         spec.setdefault("overrides", {})

@@ -18,7 +18,9 @@ from classlab.engine.device import pick_device, seed_everything, set_threads
 from classlab.io import atomic_path, write_json
 from classlab.methods.registry import get_method
 from classlab.metrics import shot_group_accuracy, summarize_classification
+from classlab.engine.predict import predict_outputs
 from classlab.models import build_classifier
+from classlab.models.backbones import Classifier
 from classlab.provenance import run_provenance
 
 
@@ -265,13 +267,26 @@ def evaluate(model_path: Path, data_dir: Path, out_dir: Path, device: str | None
     model, meta = load_predictor(model_path)
     data = load_prepared(data_dir)
     dev = pick_device(device)
-    logits = predict_logits(model, data.test.x, meta["channel_mean"], meta["channel_std"], dev).numpy()
+    extra = {}
+    if isinstance(model, Classifier):
+        # logits and the penultimate features' L2 norm in one pass (distillation reports the norms)
+        def logits_and_norms(x):
+            features = model.features(x)
+            return {"logits": model.head(features), "feature_norm": features.float().norm(dim=1)}
+
+        outputs = predict_outputs(logits_and_norms, data.test.x, meta["channel_mean"], meta["channel_std"], dev,
+                                  outputs=None, module=model)
+        logits, extra = outputs["logits"].numpy(), {"feature_norm": outputs["feature_norm"].numpy()}
+    else:
+        logits = predict_logits(model, data.test.x, meta["channel_mean"], meta["channel_std"], dev).numpy()
     labels = data.test.y.numpy()
     out_dir = Path(out_dir)
     with atomic_path(out_dir / "predictions.npz") as tmp:
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, logits=logits.astype(np.float32), labels=labels)
+            np.savez_compressed(fh, logits=logits.astype(np.float32), labels=labels, **extra)
     metrics = summarize_classification(logits, labels, int(meta["num_classes"]))
+    if "feature_norm" in extra:
+        metrics["feature_norm_mean"] = float(extra["feature_norm"].mean())
     if len(data.val):
         # the held-out validation split: every choice of epochs, rates and options is read here
         val_logits = predict_logits(model, data.val.x, meta["channel_mean"], meta["channel_std"], dev).numpy()

@@ -30,7 +30,7 @@ wildcard_constraints:
     dataset=_alternatives(DATASETS),
     seed=_alternatives(SEEDS),
     backbone=_alternatives(["convnet", "resnet18", "vit_tiny", "deep_mlp"]),
-    pretrain=_alternatives([PRETRAIN]),
+    pretrain=_alternatives([PRETRAIN] + list(config["pretrain"]["others"])),
 
 
 def family_methods(family):
@@ -47,6 +47,8 @@ def backbone_kwargs_json(wildcards):
 
 
 def pretrain_overrides_json(wildcards):
+    if wildcards.pretrain != PRETRAIN:  # another pretraining node (pretrain.others: simclr)
+        return json.dumps(config["pretrain"]["others"][wildcards.pretrain], sort_keys=True)
     overrides = dict(config["pretrain"]["overrides"])
     overrides.update(config["pretrain"]["backbone_overrides"].get(wildcards.backbone, {}))
     return json.dumps(overrides, sort_keys=True)
@@ -73,53 +75,122 @@ def all_targets():
     if "incremental" in FAMILIES:
         targets += ["results/tables/incremental/summary.md", "results/tables/incremental/summary.csv"]
         targets += incremental_figure_targets()
-    for family in FAMILIES:
-        if family == "incremental":
-            continue
+    for family in CLASSIFIER_FAMILIES:
         targets += [f"results/tables/{family}/summary.md", f"results/tables/{family}/summary.csv"]
-        targets += expand(
-            "results/figures/{family}/{dataset}/{backbone}/{name}.png",
-            family=family,
-            dataset=DATASETS,
-            backbone=BACKBONES,
-            name=FIGURES,
-        )
+        for backbone in sorted({b for m in family_methods(family) for b in classifier_backbones(family, m)}):
+            targets += expand(
+                "results/figures/{family}/{dataset}/{backbone}/{name}.png",
+                family=family,
+                dataset=DATASETS,
+                backbone=backbone,
+                name=FIGURES,
+            )
     return targets
 
 
 FIGURES = ["learning_curves", "accuracy_by_method", "reliability", "confusion"]
 
 
-# --- family `supervised` -------------------------------------------------------------------
+# --- classifier families: `supervised` and `distill` (one classifier per run) ---------------
+
+CLASSIFIER_FAMILIES = [f for f in ("supervised", "distill") if f in FAMILIES]
 
 
-def supervised_overrides(wildcards):
-    return method_overrides("supervised", wildcards.sup_method)
+def classifier_hparams(family, method):
+    return resolve_hparams(family, method, FAMILIES[family].get("overrides", {}).get(method))
 
 
-def supervised_runs(kind, dataset=None, backbone=None):
-    """Per-run files of the family: metrics.json, predictions.npz (results/eval) or history.json
-    (results/checkpoints)."""
-    pattern = {
-        "history.json": "results/checkpoints/supervised/{dataset}/{backbone}/{method}/seed{seed}/history.json",
-        "metrics.json": "results/eval/supervised/{dataset}/{backbone}/{method}/seed{seed}/metrics.json",
-        "predictions.npz": "results/eval/supervised/{dataset}/{backbone}/{method}/seed{seed}/predictions.npz",
-    }[kind]
-    return expand(
-        pattern,
-        dataset=[dataset] if dataset else DATASETS,
-        backbone=[backbone] if backbone else BACKBONES,
-        method=family_methods("supervised"),
-        seed=SEEDS,
-    )
+def classifier_backbones(family, method):
+    """A method whose paper fixes the architecture names it (`backbone: deep_mlp`); the others
+    run on the config's backbones."""
+    named = classifier_hparams(family, method).get("backbone")
+    return [named] if named else BACKBONES
 
 
-def supervised_figure_inputs(wildcards):
-    return {
-        "metrics": supervised_runs("metrics.json", wildcards.dataset, wildcards.backbone),
-        "predictions": supervised_runs("predictions.npz", wildcards.dataset, wildcards.backbone),
-        "histories": supervised_runs("history.json", wildcards.dataset, wildcards.backbone),
+def classifier_init(family, method, backbone, dataset, seed):
+    """The model.pt a run starts from, or None (scratch): the shared pretraining node, or another
+    pretraining node the method names (`init: simclr`) where the config has it (else the shared one)."""
+    init = classifier_hparams(family, method).get("init", "pretrained")
+    if init == "scratch":
+        return None
+    node = init if init in config["pretrain"]["others"] else PRETRAIN
+    return f"results/checkpoints/pretrain/{dataset}/{backbone}/{node}/seed{seed}/model.pt"
+
+
+def classifier_inputs(wildcards):
+    family, method = wildcards.cls_family, wildcards.cls_method
+    inputs = {
+        "manifest": ancient(f"data/prepared/{wildcards.dataset}/manifest.json"),
+        "hparams": f"config/methods/{family}/{method}.yaml",
     }
+    init = classifier_init(family, method, wildcards.backbone, wildcards.dataset, wildcards.seed)
+    if init:
+        # DVC-tracked checkpoints: ancient() so that a `dvc pull` (fresh mtimes) retrains nothing
+        inputs["init"] = ancient(init)
+    if family == "distill" and classifier_hparams(family, method).get("uses_teacher"):
+        inputs["teacher"] = ancient(
+            f"results/checkpoints/teacher/{wildcards.dataset}/{TEACHER['backbone']}/seed{wildcards.seed}/model.pt"
+        )
+    return inputs
+
+
+def classifier_options(wildcards, input):
+    """--init / --teacher of a run, from its inputs."""
+    options = [f"--init {input.init}"] if "init" in input.keys() else []
+    options += [f"--teacher {input.teacher}"] if "teacher" in input.keys() else []
+    return " ".join(options)
+
+
+def classifier_overrides(wildcards):
+    return method_overrides(wildcards.cls_family, wildcards.cls_method)
+
+
+def classifier_runs(family, kind, dataset=None, backbone=None):
+    """Per-run files of a classifier family: metrics.json, predictions.npz (results/eval) or
+    history.json (results/checkpoints), each method on its backbones."""
+    pattern = {
+        "history.json": "results/checkpoints/{family}/{dataset}/{backbone}/{method}/seed{seed}/history.json",
+        "metrics.json": "results/eval/{family}/{dataset}/{backbone}/{method}/seed{seed}/metrics.json",
+        "predictions.npz": "results/eval/{family}/{dataset}/{backbone}/{method}/seed{seed}/predictions.npz",
+    }[kind]
+    out = []
+    for method in family_methods(family):
+        backbones = [b for b in classifier_backbones(family, method) if backbone is None or b == backbone]
+        out += expand(
+            pattern,
+            family=family,
+            dataset=[dataset] if dataset else DATASETS,
+            backbone=backbones,
+            method=[method],
+            seed=SEEDS,
+        )
+    return out
+
+
+def classifier_metrics(wildcards):
+    return classifier_runs(wildcards.cls_family, "metrics.json")
+
+
+def classifier_figure_inputs(wildcards):
+    family = wildcards.cls_family
+    return {
+        "metrics": classifier_runs(family, "metrics.json", wildcards.dataset, wildcards.backbone),
+        "predictions": classifier_runs(family, "predictions.npz", wildcards.dataset, wildcards.backbone),
+        "histories": classifier_runs(family, "history.json", wildcards.dataset, wildcards.backbone),
+    }
+
+
+# --- family `distill`: the shared teacher ------------------------------------------------------
+
+TEACHER = FAMILIES.get("distill", {}).get("teacher", {})
+
+
+def teacher_backbone_kwargs_json(wildcards):
+    return json.dumps(TEACHER.get("backbone_kwargs", {}), sort_keys=True)
+
+
+def teacher_overrides_json(wildcards):
+    return json.dumps(TEACHER.get("overrides", {}), sort_keys=True)
 
 
 # --- family `incremental` ------------------------------------------------------------------
