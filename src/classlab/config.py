@@ -182,10 +182,13 @@ def method_scenario_kinds(family: str, method: str) -> tuple[str, ...] | None:
 
 def resolve_hparams(family: str, method: str, overrides: dict | None) -> dict[str, Any]:
     hp = method_defaults(family, method)
-    for key, value in (overrides or {}).items():
-        if key not in hp:
-            raise ConfigError(f"unknown hyperparameter {key!r} for {family}/{method}; known: {sorted(hp)}")
-        hp[key] = value
+    unknown = [key for key in (overrides or {}) if key not in hp]
+    if unknown:
+        declared = hparam_schema(family, method)  # engine and family keys may be set without a default
+        for key in unknown:
+            if key not in declared:
+                raise ConfigError(f"unknown hyperparameter {key!r} for {family}/{method}; known: {sorted(hp)}")
+    hp.update(overrides or {})
     return hp
 
 
@@ -263,9 +266,16 @@ def _check_method(family: str, method: str, overrides: dict | None, key_prefix: 
         return [f"config key {key_prefix}: {exc}"]
     where = {}
     problems = []
+    declared = None
     for layer, prefix in [(overrides or {}, key_prefix)] + list(extra):
         for key, value in layer.items():
-            if key not in hp:
+            if key not in hp and declared is None:
+                try:
+                    declared = hparam_schema(family, method)
+                except ConfigError:
+                    declared = {}
+            # an engine or family key (samples_per_class, init, ...) may be set without a default
+            if key not in hp and key not in declared:
                 problems.append(f"config key {prefix}.{key}: unknown hyperparameter {key!r} for {family}/{method}; "
                                 f"known: {sorted(hp)}")
                 continue
