@@ -7,6 +7,9 @@
    and backward for each.
 2. noop_rerun: wall time of `snakemake -c2` on a DAG whose outputs are all up to date (the
    default config when `make run` has completed here, else the smoke config in a scratch copy).
+3. incremental_run: one class-incremental run's time per task.
+4. recipe_step_time: each training recipe's and distillation student's step time relative to
+   erm's, measured in the same process (SAM takes two forward-backward passes, so about 2x).
 """
 from __future__ import annotations
 
@@ -215,6 +218,51 @@ def bench_incremental() -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
+RECIPES = [("supervised", m) for m in ("erm", "adamw", "lion", "grad_noise", "z_loss", "ps_kd", "tract", "sam",
+                                      "useful", "noprop", "supcon", "sbcl", "core_tuning")] + \
+          [("distill", m) for m in ("ce", "kd", "nd_kd", "multi_aspect_kd")]
+
+
+def bench_recipe_steps(steps: int = 14, rounds: int = 2) -> None:
+    """Training step time of each recipe and distillation method relative to erm, in one process on
+    the default ConvNet, batch 64 of Fashion-MNIST, through the engine's loop (forward, backward,
+    the method's optimizer step and after-step hook). Each method's time is the median interval
+    between steps (the first two skipped), the best of ``rounds`` passes over the methods."""
+    from classlab.config import resolve_hparams
+    from classlab.engine import Trainer, TrainConfig
+    from classlab.methods.registry import get_method
+    from classlab.models import build_classifier
+
+    torch.set_num_threads(2)
+    data = fashion_mnist()
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    kwargs = config["backbone_kwargs"]["convnet"]
+    subset = torch.arange(64 * steps)
+    mean, std = data.manifest["channel_mean"], data.manifest["channel_std"]
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for family, name in RECIPES:
+            hp = resolve_hparams(family, name, {"epochs": 1, "batch_size": 64})
+            hp.pop("backbone", None)  # every method on the same ConvNet: the cost of the method, not of its model
+            torch.manual_seed(0)
+            method = get_method(family, name)(build_classifier("convnet", 1, 10, img_size=28, backbone_kwargs=kwargs),
+                                               hp, 10)
+            method.class_names = list(data.manifest["class_names"])
+            if hp.get("uses_teacher"):
+                method.set_teacher(build_classifier("convnet", 1, 10, img_size=28, backbone_kwargs={
+                    "widths": [48, 48, 96, 96, 192], "pool_after": [1, 3]}), {})
+            trainer = Trainer(method, TrainConfig.from_hparams(hp), torch.device("cpu"), 0, None, progress=False)
+            loader = trainer.make_loader(data.train.x, data.train.y, mean, std, subset)
+            stamps: list[float] = []
+            trainer.fit(loader, on_step=lambda *_: stamps.append(time.perf_counter()))
+            step = float(np.median(np.diff(stamps[2:])))
+            key = f"{family}/{name}"
+            best[key] = min(best.get(key, float("inf")), step)
+    for key, step in best.items():
+        emit({"bench": "recipe_step_time", "method": key, "batch_size": 64, "threads": 2,
+              "step_ms": round(1000 * step, 2), "ratio_to_erm": round(step / best["supervised/erm"], 3)})
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bench.jsonl").unlink(missing_ok=True)
@@ -225,6 +273,7 @@ def main() -> None:
     bench_loader(steps, "config.yaml")
     bench_noop()
     bench_incremental()
+    bench_recipe_steps()
 
 
 if __name__ == "__main__":
