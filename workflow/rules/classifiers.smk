@@ -42,6 +42,10 @@ rule evaluate_classifier:
     output:
         predictions="results/eval/{cls_family}/{dataset}/{backbone}/{cls_method}/seed{seed}/predictions.npz",
         metrics="results/eval/{cls_family}/{dataset}/{backbone}/{cls_method}/seed{seed}/metrics.json",
+    params:
+        # the training run's settings: its model.pt is an ancient() input (a `dvc pull` must not
+        # re-evaluate), so a retrain under edited settings re-evaluates through this instead
+        trained_with=classifier_training_params,
     log:
         "logs/evaluate_classifier/{cls_family}/{dataset}/{backbone}/{cls_method}/seed{seed}.log",
     threads: 1

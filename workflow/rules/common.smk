@@ -47,8 +47,9 @@ def backbone_kwargs_json(wildcards):
 
 
 def pretrain_overrides_json(wildcards):
-    if wildcards.pretrain != PRETRAIN:  # another pretraining node (pretrain.others: simclr)
-        return json.dumps(config["pretrain"]["others"][wildcards.pretrain], sort_keys=True)
+    node = getattr(wildcards, "pretrain", PRETRAIN)  # pretrain_first_task has no such wildcard
+    if node != PRETRAIN:  # another pretraining node (pretrain.others: simclr)
+        return json.dumps(config["pretrain"]["others"][node], sort_keys=True)
     overrides = dict(config["pretrain"]["overrides"])
     overrides.update(config["pretrain"]["backbone_overrides"].get(wildcards.backbone, {}))
     return json.dumps(overrides, sort_keys=True)
@@ -145,6 +146,12 @@ def classifier_overrides(wildcards):
     return method_overrides(wildcards.cls_family, wildcards.cls_method)
 
 
+def classifier_training_params(wildcards):
+    return json.dumps([classifier_overrides(wildcards), backbone_kwargs_json(wildcards),
+                       classifier_init(wildcards.cls_family, wildcards.cls_method, wildcards.backbone,
+                                       wildcards.dataset, wildcards.seed)])
+
+
 def classifier_runs(family, kind, dataset=None, backbone=None):
     """Per-run files of a classifier family: metrics.json, predictions.npz (results/eval) or
     history.json (results/checkpoints), each method on its backbones."""
@@ -227,6 +234,10 @@ def scenario_params_json(wildcards):
 
 def incremental_overrides(wildcards):
     return method_overrides("incremental", wildcards.inc_method)
+
+
+def incremental_training_params(wildcards):
+    return json.dumps([incremental_overrides(wildcards), backbone_kwargs_json(wildcards)])
 
 
 def incremental_init_inputs(wildcards):

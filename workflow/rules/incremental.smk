@@ -152,6 +152,10 @@ rule evaluate_multilabel:
         ),
     output:
         "results/eval/multilabel/{dataset}/{backbone}/{scenario}/{inc_method}/seed{seed}/metrics.json",
+    params:
+        # the training run's settings: its checkpoints are ancient() inputs (a `dvc pull` must not
+        # re-evaluate), so a retrain under edited settings re-evaluates through this instead
+        trained_with=incremental_training_params,
     log:
         "logs/evaluate_multilabel/{dataset}/{backbone}/{scenario}/{inc_method}/seed{seed}.log",
     conda:
@@ -172,6 +176,10 @@ rule evaluate_incremental:
         scenario="results/scenarios/{dataset}/{scenario}/seed{seed}.json",
     output:
         "results/eval/incremental/{dataset}/{backbone}/{scenario}/{inc_method}/seed{seed}/metrics.json",
+    params:
+        # the training run's settings: its checkpoints are ancient() inputs (a `dvc pull` must not
+        # re-evaluate), so a retrain under edited settings re-evaluates through this instead
+        trained_with=incremental_training_params,
     log:
         "logs/evaluate_incremental/{dataset}/{backbone}/{scenario}/{inc_method}/seed{seed}.log",
     conda:
