@@ -82,3 +82,16 @@ def test_full_incremental_grid_resolves():
     for rule in ("build_scenario", "pretrain_first_task", "train_incremental", "train_forgetting", "train_multilabel",
                  "evaluate_incremental", "aggregate_incremental", "plot_incremental"):
         assert f"rule {rule}:" in out or f"localrule {rule}:" in out, rule
+
+
+def test_retrain_under_an_edited_setting_re_evaluates(smoke_run, tmp_path):
+    """Evaluation reads its model.pt as an ancient() input (a `dvc pull` must not re-evaluate), so a
+    retrain caused by an edited override must reach the evaluation through the rule's params."""
+    work = tmp_path / "repo"
+    shutil.copytree(smoke_run, work, symlinks=True)
+    smoke = work / "config/smoke.yaml"
+    smoke.write_text(smoke.read_text().replace("ps_kd: {epochs: 2,", "ps_kd: {epochs: 1,"))
+    proc = snakemake(work, "-n", "--configfile", "config/smoke.yaml")
+    lines = (proc.stdout + proc.stderr).splitlines()
+    jobs = [line.split()[1].rstrip(":") for line in lines if line.startswith(("rule ", "localrule "))]
+    assert jobs.count("train_classifier") == 2 and jobs.count("evaluate_classifier") == 2, jobs
