@@ -280,3 +280,32 @@ def test_aggregate_stage_writes_budgets_and_commits_and_refuses_a_bad_claims_fil
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "supervised.yaml, claim 1 of 1" in err and "key 'direction'" in err
+
+
+def test_optional_metrics_reach_tables_and_claims(tmp_path):
+    """top-5, shot groups and feature norms are recorded by some runs only: the tables carry them where
+    present ('-' elsewhere) and a claim on them is evaluated where both arms report them."""
+    import json
+
+    from classlab.report.tables import collect_runs, markdown_table, summarize
+
+    base = {"dataset": "d", "backbone": "b", "top1": 0.8, "balanced_top1": 0.8, "nll": 0.5, "ece_15": 0.05,
+            "ece_10_x100": 5.0}
+    files = []
+    for method, few in (("sbcl", [0.5, 0.6]), ("ce_lt", [0.3, 0.35])):
+        for seed, value in enumerate(few):
+            path = tmp_path / f"{method}{seed}.json"
+            path.write_text(json.dumps(dict(base, method=method, seed=seed, few_shot_top1=value, top5=0.99)))
+            files.append(path)
+    path = tmp_path / "erm.json"
+    path.write_text(json.dumps(dict(base, method="erm", seed=0)))
+    runs = collect_runs(files + [path])
+    md = markdown_table(summarize(runs))
+    assert "few-shot top-1 (%)" in md and "top-5 (%)" in md
+    erm_row = next(line for line in md.splitlines() if "| erm |" in line)
+    assert erm_row.count(" - ") >= 2  # no top-5 or few-shot value for this run
+    from classlab.report.claims import Claim
+
+    claim = Claim("supervised", "p", "s", "few_shot_top1", "sbcl", "ce_lt")
+    out = evaluate_claims(runs, "supervised", claims=[claim])
+    assert out.effect.iloc[0] == pytest.approx(0.225)

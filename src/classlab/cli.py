@@ -89,6 +89,7 @@ def _figures(a):
     figures.reliability_diagram([Path(p) for p in a.predictions], out / "reliability.png")
     class_names = read_json(a.metrics[0])["class_names"]
     figures.confusion_matrices([Path(p) for p in a.predictions], class_names, out / "confusion.png")
+    figures.feature_norm_histograms([Path(p) for p in a.predictions], out / "feature_norms.png")
 
 
 def _build_scenario(a):

@@ -117,6 +117,12 @@ rule plot_classifiers:
             category="{cls_family}",
             subcategory="{dataset} {backbone}",
         ),
+        feature_norms=report(
+            "results/figures/{cls_family}/{dataset}/{backbone}/feature_norms.png",
+            caption="../report/feature_norms.rst",
+            category="{cls_family}",
+            subcategory="{dataset} {backbone}",
+        ),
     log:
         "logs/plot_classifiers/{cls_family}/{dataset}/{backbone}.log",
     conda:

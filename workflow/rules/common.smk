@@ -89,7 +89,7 @@ def all_targets():
     return targets
 
 
-FIGURES = ["learning_curves", "accuracy_by_method", "reliability", "confusion"]
+FIGURES = ["learning_curves", "accuracy_by_method", "reliability", "confusion", "feature_norms"]
 
 
 # --- classifier families: `supervised` and `distill` (one classifier per run) ---------------

@@ -110,3 +110,26 @@ def confusion_matrices(prediction_files: list[Path], class_names: list[str], out
         ax.set_ylabel("true")
         ax.set_title(method)
     _save(fig, out)
+
+
+def feature_norm_histograms(prediction_files: list[Path], out: Path, bins: int = 40) -> None:
+    """Histogram of the penultimate features' L2 norms on the test set per method, pooled over
+    seeds (KD++'s claim: distillation with the ND loss grows the student's feature norms). Methods
+    that predict through themselves record no features and are left out."""
+    norms: dict[str, list[np.ndarray]] = {}
+    for path in prediction_files:
+        with np.load(path) as z:
+            if "feature_norm" in z.files:
+                norms.setdefault(Path(path).parents[1].name, []).append(z["feature_norm"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    if not norms:
+        ax.text(0.5, 0.5, "no run recorded feature norms", ha="center", va="center", transform=ax.transAxes)
+    else:
+        pooled = {m: np.concatenate(v) for m, v in sorted(norms.items())}
+        edges = np.linspace(0, max(float(v.max()) for v in pooled.values()) * 1.02 + 1e-9, bins + 1)
+        for method, values in pooled.items():
+            ax.hist(values, bins=edges, histtype="step", lw=1.5, label=f"{method} (mean {values.mean():.2f})")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("L2 norm of the penultimate features (test set)")
+    ax.set_ylabel("images")
+    _save(fig, out)

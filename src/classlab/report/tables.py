@@ -8,6 +8,9 @@ import pandas as pd
 from classlab.io import read_json, write_text
 
 SCALARS = ("top1", "balanced_top1", "nll", "ece_15", "ece_10_x100")
+# recorded by some runs only (top-5 since the recipe families; shot groups on long-tailed training
+# sets; feature norms of Classifier models; the validation split): NaN where a run lacks them
+OPTIONAL_SCALARS = ("top5", "val_top1", "many_shot_top1", "medium_shot_top1", "few_shot_top1", "feature_norm_mean")
 # what a run records beside its metrics, where it does: its training budget and its provenance
 RUN_FIELDS = ("train_steps", "batch_size", "git_commit", "command")
 
@@ -44,8 +47,9 @@ def collect_runs(metric_files: list[str | Path]) -> pd.DataFrame:
     rows = []
     for path in metric_files:
         m = read_json(path)
+        optional = {k: float(m[k]) for k in OPTIONAL_SCALARS if isinstance(m.get(k), (int, float))}
         rows.append({"dataset": m["dataset"], "backbone": m["backbone"], "method": m["method"],
-                     "seed": int(m["seed"]), **{k: float(m[k]) for k in SCALARS}, **run_fields(m)})
+                     "seed": int(m["seed"]), **{k: float(m[k]) for k in SCALARS}, **optional, **run_fields(m)})
     if not rows:
         raise ValueError("no metrics files to aggregate")
     runs = pd.DataFrame(rows).sort_values(["dataset", "backbone", "method", "seed"]).reset_index(drop=True)
@@ -55,22 +59,38 @@ def collect_runs(metric_files: list[str | Path]) -> pd.DataFrame:
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """mean, std (ddof=1; 0 for one seed) and seed count per dataset x backbone x method."""
     grouped = runs.groupby(["dataset", "backbone", "method"], sort=True)
-    out = grouped[list(SCALARS)].agg(["mean", "std"])
+    columns = list(SCALARS) + [k for k in OPTIONAL_SCALARS if k in runs.columns]
+    out = grouped[columns].agg(["mean", "std"])
     out.columns = [f"{m}_{s}" for m, s in out.columns]
     out = out.fillna({f"{m}_std": 0.0 for m in SCALARS})
     out["seeds"] = grouped.size()
     return out.reset_index()
 
 
+def _cell(r, key: str, scale: float = 100.0, digits: int = 2) -> str:
+    mean = r.get(f"{key}_mean")
+    if mean is None or pd.isna(mean):
+        return "-"
+    std = r.get(f"{key}_std")
+    std = 0.0 if std is None or pd.isna(std) else std
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+
+
 def markdown_table(summary: pd.DataFrame) -> str:
-    header = "| dataset | backbone | method | top-1 (%) | balanced top-1 (%) | NLL | ECE-15 (%) | seeds |\n"
-    header += "|---|---|---|---|---|---|---|---|\n"
+    """Mean ± std per method: the fixed columns, then top-5, ECE-10 (x100, as PS-KD reports it), the
+    few-shot classes' top-1 and the mean feature norm where some run recorded them."""
+    optional = [(k, label, scale, digits) for k, label, scale, digits in (
+        ("top5", "top-5 (%)", 100.0, 2), ("few_shot_top1", "few-shot top-1 (%)", 100.0, 2),
+        ("feature_norm_mean", "feature norm", 1.0, 2)) if f"{k}_mean" in summary.columns]
+    names = ["dataset", "backbone", "method", "top-1 (%)", "balanced top-1 (%)", "NLL", "ECE-15 (%)", "ECE-10 (x100)"]
+    names += [label for _, label, _, _ in optional] + ["seeds"]
+    header = "| " + " | ".join(names) + " |\n|" + "---|" * len(names) + "\n"
     lines = []
     for _, r in summary.iterrows():
-        lines.append(
-            f"| {r.dataset} | {r.backbone} | {r.method} | {100 * r.top1_mean:.2f} ± {100 * r.top1_std:.2f} | "
-            f"{100 * r.balanced_top1_mean:.2f} ± {100 * r.balanced_top1_std:.2f} | "
-            f"{r.nll_mean:.3f} ± {r.nll_std:.3f} | {100 * r.ece_15_mean:.2f} ± {100 * r.ece_15_std:.2f} | {r.seeds} |")
+        cells = [r.dataset, r.backbone, r.method, _cell(r, "top1"), _cell(r, "balanced_top1"),
+                 _cell(r, "nll", 1.0, 3), _cell(r, "ece_15"), _cell(r, "ece_10_x100", 1.0, 2)]
+        cells += [_cell(r, k, scale, digits) for k, _, scale, digits in optional] + [str(r.seeds)]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return header + "\n".join(lines) + "\n\nmean ± std over seeds (sample std, ddof=1); test split.\n"
 
 
