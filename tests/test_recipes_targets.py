@@ -406,3 +406,27 @@ def test_noprop_with_no_blocks_is_refused_at_parse_time():
     message = str(info.value)
     assert "config key families.supervised.overrides.noprop.T: 0 is less than the minimum of 1" in message
     assert "(declared in config/methods/supervised/noprop.yaml)" in message
+
+
+def test_noprop_backprop_sends_gradient_through_every_block_of_the_same_architecture():
+    """The NoProp claim's baseline: the same blocks, trained end to end, so every block's parameters get
+    a gradient from the one loss (NoProp's own test checks the opposite), and the parameter count is
+    NoProp's."""
+    import torch
+
+    from classlab.methods.registry import get_method
+    from classlab.config import resolve_hparams
+    from classlab.models import build_classifier
+
+    hp = resolve_hparams("supervised", "noprop_backprop", {"T": 3})
+    model = build_classifier("convnet", 1, 4, img_size=8, backbone_kwargs={"widths": [4], "pool_after": []})
+    method = get_method("supervised", "noprop_backprop")(model, hp, 4)
+    twin = get_method("supervised", "noprop")(model, resolve_hparams("supervised", "noprop", {"T": 3}), 4)
+    assert sum(p.numel() for p in method.blocks.parameters()) == sum(p.numel() for p in twin.blocks.parameters())
+    torch.manual_seed(0)
+    batch = {"x": torch.randn(6, 1, 8, 8), "y": torch.tensor([0, 1, 2, 3, 0, 1])}
+    loss, _ = method.training_step(batch)
+    loss.backward()
+    for t, block in enumerate(method.blocks):
+        grads = [p.grad for p in block.parameters() if p.requires_grad]
+        assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), t
