@@ -90,3 +90,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def digits_prepared(tmp_path_factory) -> Path:
+    """scikit-learn's digits, downloaded (no network) and prepared once per session in a scratch dir."""
+    from classlab.data.prepare import prepare
+    from classlab.data.registry import get_dataset
+
+    root = tmp_path_factory.mktemp("digits")
+    get_dataset("digits").download(root / "raw")
+    prepare("digits", root / "raw", root / "prepared")
+    return root / "prepared"

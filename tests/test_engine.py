@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from classlab.data.prepare import prepare
-from classlab.data.registry import get_dataset
+
 from classlab.engine import CheckpointError, load_checkpoint, save_checkpoint
 from classlab.engine.schedule import lr_factor
 from tests.conftest import env_with_venv
@@ -50,15 +49,6 @@ def test_onecycle_schedule_shape():
     assert f[0] == pytest.approx(0.04) and max(f) == pytest.approx(1.0, abs=0.02)
     assert f[-1] == pytest.approx(0.0, abs=1e-9)
     assert lr_factor(5, 10, "constant") == 1.0
-
-
-@pytest.fixture(scope="module")
-def digits_prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("digits")
-    spec = get_dataset("digits")
-    spec.download(root / "raw")
-    prepare("digits", root / "raw", root / "prepared")
-    return root / "prepared"
 
 
 def _train_cmd(data, out, epochs):

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import classlab.train as train_mod
-from classlab.data.prepare import load_prepared, prepare
-from classlab.data.registry import get_dataset
+from classlab.data.prepare import load_prepared
 from classlab.engine import load_checkpoint
 from classlab.engine.device import seed_everything
 from classlab.methods.base import Method
@@ -21,14 +20,6 @@ from classlab.metrics import shot_group_accuracy, top_k_accuracy
 TINY = {"widths": [8, 16], "pool_after": [0]}
 BASE_HP = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "epochs": 2, "batch_size": 64,
            "schedule": "constant", "warmup_frac": 0.0, "augment_pad": 0, "augment_hflip": False}
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    root = tmp_path_factory.mktemp("digits")
-    get_dataset("digits").download(root / "raw")
-    prepare("digits", root / "raw", root / "prepared")
-    return root / "prepared"
 
 
 class CE(Method):
@@ -96,19 +87,19 @@ def _use(monkeypatch, cls, hparams=None):
     monkeypatch.setattr(train_mod, "resolve_hparams", lambda family, name, overrides=None: dict(hparams or BASE_HP))
 
 
-def _train(digits, out, **kw):
-    return train_mod.train("supervised", "toy", digits, "convnet", 3, out, backbone_kwargs=TINY, progress=False,
+def _train(digits_prepared, out, **kw):
+    return train_mod.train("supervised", "toy", digits_prepared, "convnet", 3, out, backbone_kwargs=TINY, progress=False,
                            threads=1, **kw)
 
 
-def test_stages_resample_reinit_and_write_the_indices(digits, tmp_path, monkeypatch, one_thread):
+def test_stages_resample_reinit_and_write_the_indices(digits_prepared, tmp_path, monkeypatch, one_thread):
     _use(monkeypatch, TwoStage)
     TwoStage.seen_at_reinit = []
     torch.manual_seed(0)
     out = tmp_path / "run"
-    result = _train(digits, out)
+    result = _train(digits_prepared, out)
     written = json.loads((out / "stage_probe_indices.json").read_text())
-    n_train = len(load_prepared(digits).train.y)
+    n_train = len(load_prepared(digits_prepared).train.y)
     assert written["stage"] == "probe" and written["next_stage"] == "retrain"
     # every training sample once, the probe's mistakes three more times each
     assert len(written["indices"]) >= n_train and (len(written["indices"]) - n_train) % 3 == 0
@@ -123,19 +114,19 @@ def test_stages_resample_reinit_and_write_the_indices(digits, tmp_path, monkeypa
     assert not list(out.glob("stage_*.pt")) and not list(out.glob("last*.pt"))
 
 
-def test_a_killed_second_stage_resumes_without_redoing_the_first(digits, tmp_path, monkeypatch, one_thread, capsys):
+def test_a_killed_second_stage_resumes_without_redoing_the_first(digits_prepared, tmp_path, monkeypatch, one_thread, capsys):
     _use(monkeypatch, TwoStage)
     reference = tmp_path / "reference"
-    _train(digits, reference)
+    _train(digits_prepared, reference)
     killed = tmp_path / "killed"
     _use(monkeypatch, DiesInRetrain)  # the same computation, interrupted in the retrain's second epoch
     with pytest.raises(RuntimeError, match="killed"):
-        _train(digits, killed)
+        _train(digits_prepared, killed)
     assert (killed / "stage_probe.pt").exists() and (killed / "last_retrain.pt").exists()
     _use(monkeypatch, TwoStage)
     TwoStage.seen_at_reinit = []
     capsys.readouterr()
-    _train(digits, killed)
+    _train(digits_prepared, killed)
     assert "stage probe: done in an earlier run" in capsys.readouterr().out
     a = load_checkpoint(reference / "model.pt")["model"]
     b = load_checkpoint(killed / "model.pt")["model"]
@@ -143,52 +134,52 @@ def test_a_killed_second_stage_resumes_without_redoing_the_first(digits, tmp_pat
         assert torch.equal(a[key], b[key]), key
 
 
-def test_teacher_of_other_classes_is_refused(digits, tmp_path, monkeypatch, one_thread):
+def test_teacher_of_other_classes_is_refused(digits_prepared, tmp_path, monkeypatch, one_thread):
     _use(monkeypatch, CE, dict(BASE_HP, epochs=1))
     teacher = tmp_path / "teacher"
-    _train(digits, teacher)
+    _train(digits_prepared, teacher)
     with pytest.raises(ValueError, match="takes no teacher"):
-        _train(digits, tmp_path / "student", teacher=teacher / "model.pt")
+        _train(digits_prepared, tmp_path / "student", teacher=teacher / "model.pt")
     # a teacher that saw only some classes
     _use(monkeypatch, CE, dict(BASE_HP, epochs=1, classes=[0, 1, 2]))
     partial = tmp_path / "partial"
-    _train(digits, partial)
+    _train(digits_prepared, partial)
     _use(monkeypatch, CE, dict(BASE_HP, epochs=1))
     with pytest.raises(ValueError, match="classes differ from the student's"):
-        _train(digits, tmp_path / "student2", teacher=partial / "model.pt")
+        _train(digits_prepared, tmp_path / "student2", teacher=partial / "model.pt")
     state = load_checkpoint(partial / "model.pt")
     state["meta"]["class_names"] = list(reversed(state["meta"]["class_names"]))
     state["meta"]["hparams"] = json.dumps(dict(BASE_HP))
     torch.save(state, tmp_path / "renamed.pt")
     with pytest.raises(ValueError, match="classes differ from the student's"):
-        _train(digits, tmp_path / "student3", teacher=tmp_path / "renamed.pt")
+        _train(digits_prepared, tmp_path / "student3", teacher=tmp_path / "renamed.pt")
 
 
-def test_method_that_predicts_through_itself_is_rebuilt_for_evaluation(digits, tmp_path, monkeypatch, one_thread):
+def test_method_that_predicts_through_itself_is_rebuilt_for_evaluation(digits_prepared, tmp_path, monkeypatch, one_thread):
     _use(monkeypatch, KernelVote, dict(BASE_HP, epochs=1))
     out = tmp_path / "run"
-    _train(digits, out)
+    _train(digits_prepared, out)
     state = load_checkpoint(out / "model.pt")
     assert state["method"]["bank"].shape[0] == 200
-    metrics = train_mod.evaluate(out / "model.pt", digits, tmp_path / "eval")
+    metrics = train_mod.evaluate(out / "model.pt", digits_prepared, tmp_path / "eval")
     saved = np.load(tmp_path / "eval" / "predictions.npz")["logits"]
     # one-hot votes, not a network's logits
     assert set(np.unique(saved)) <= {0.0, 1.0} and (saved.sum(1) == 1).all()
     assert metrics["top1"] > 0.5  # nearest neighbour in raw pixels on digits
 
 
-def test_untrained_pretraining_head_is_not_reused(digits, tmp_path, monkeypatch, one_thread):
+def test_untrained_pretraining_head_is_not_reused(digits_prepared, tmp_path, monkeypatch, one_thread):
     _use(monkeypatch, NoHead, dict(BASE_HP, epochs=1))
     pre = tmp_path / "pre"
-    _train(digits, pre)
+    _train(digits_prepared, pre)
     assert load_checkpoint(pre / "model.pt")["meta"]["head_trained"] is False
     _use(monkeypatch, CE, dict(BASE_HP, epochs=1, head_init="auto"))
-    result = _train(digits, tmp_path / "ft", init=pre / "model.pt")
+    result = _train(digits_prepared, tmp_path / "ft", init=pre / "model.pt")
     assert result["meta"]["head_init"] == "fresh"
     _use(monkeypatch, CE, dict(BASE_HP, epochs=1))
-    _train(digits, tmp_path / "pre2")
+    _train(digits_prepared, tmp_path / "pre2")
     _use(monkeypatch, CE, dict(BASE_HP, epochs=1, head_init="auto"))
-    assert _train(digits, tmp_path / "ft2", init=tmp_path / "pre2" / "model.pt")["meta"]["head_init"] == "pretrained"
+    assert _train(digits_prepared, tmp_path / "ft2", init=tmp_path / "pre2" / "model.pt")["meta"]["head_init"] == "pretrained"
 
 
 def test_long_tailed_subset_follows_the_exponential_profile():
@@ -207,14 +198,14 @@ def test_long_tailed_subset_follows_the_exponential_profile():
         train_mod.training_subset(labels, [], 0, 0, None, 0.5)
 
 
-def test_long_tailed_run_reports_shot_groups(digits, tmp_path, monkeypatch, one_thread):
+def test_long_tailed_run_reports_shot_groups(digits_prepared, tmp_path, monkeypatch, one_thread):
     _use(monkeypatch, CE, dict(BASE_HP, epochs=1, imbalance_ratio=10))
     out = tmp_path / "lt"
-    result = _train(digits, out)
+    result = _train(digits_prepared, out)
     counts = result["meta"]["class_counts"]
     assert max(counts) / min(counts) == pytest.approx(10, rel=0.1)
     assert json.loads((out / "subset.json").read_text())["class_counts"] == counts
-    metrics = train_mod.evaluate(out / "model.pt", digits, tmp_path / "eval")
+    metrics = train_mod.evaluate(out / "model.pt", digits_prepared, tmp_path / "eval")
     assert {"many_shot_top1", "medium_shot_top1", "few_shot_top1"} <= set(metrics)
     assert set(metrics["few_shot_classes"]) == set(sorted(range(10), key=lambda c: counts[c])[:3])
 

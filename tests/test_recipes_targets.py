@@ -229,18 +229,7 @@ def test_useful_end_stage_clusters_the_models_outputs():
                                         {"name": "retrain", "reinit": True}]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from classlab.data.prepare import prepare
-    from classlab.data.registry import get_dataset
-
-    root = tmp_path_factory.mktemp("digits")
-    get_dataset("digits").download(root / "raw")
-    prepare("digits", root / "raw", root / "prepared")
-    return root / "prepared"
-
-
-def test_useful_run_writes_the_resampled_list_and_retrains_from_the_initial_weights(digits, tmp_path, monkeypatch,
+def test_useful_run_writes_the_resampled_list_and_retrains_from_the_initial_weights(digits_prepared, tmp_path, monkeypatch,
                                                                                     one_thread):
     import classlab.train as train_mod
     from classlab.data.prepare import load_prepared
@@ -256,10 +245,10 @@ def test_useful_run_writes_the_resampled_list_and_retrains_from_the_initial_weig
     monkeypatch.setattr(train_mod, "get_method", lambda family, name: Watched)
     overrides = {"epochs": 1, "probe_epochs": 1, "batch_size": 64, "augment_pad": 0, "augment_hflip": False}
     out = tmp_path / "run"
-    train_mod.train("supervised", "useful", digits, "convnet", 3, out, overrides=overrides, backbone_kwargs=TINY,
+    train_mod.train("supervised", "useful", digits_prepared, "convnet", 3, out, overrides=overrides, backbone_kwargs=TINY,
                     progress=False, threads=1)
     written = json.loads((out / "stage_probe_indices.json").read_text())
-    labels = load_prepared(digits).train.y
+    labels = load_prepared(digits_prepared).train.y
     positions = torch.tensor(written["indices"])
     counts = torch.bincount(positions, minlength=len(labels))
     assert counts.min() == 1 and counts.max() == 2  # every example, the slow ones twice (upsampled once)

@@ -290,6 +290,20 @@ def _check_method(family: str, method: str, overrides: dict | None, key_prefix: 
 
 # --- the config ------------------------------------------------------------------------------
 
+def _backbone_kwargs_problems(backbone: str, kwargs: dict, prefix: str) -> list[str]:
+    """Keywords of ``backbone`` not declared in backbone_specs.py, or of the wrong type (at config key ``prefix``)."""
+    from classlab.backbone_specs import BACKBONE_KWARGS
+
+    declared, problems = BACKBONE_KWARGS[backbone], []
+    for key, value in kwargs.items():
+        if key not in declared:
+            problems.append(f"config key {prefix}.{key}: {backbone} accepts no keyword {key!r}; "
+                            f"allowed: {sorted(declared)} (src/classlab/backbone_specs.py)")
+            continue
+        problems += [f"config key {prefix}.{key}: {message}" for message in _fragment_errors(declared[key], value)]
+    return problems
+
+
 def _check_backbone_kwargs(config: dict) -> list[str]:
     from classlab.backbone_specs import BACKBONE_KWARGS
 
@@ -299,29 +313,14 @@ def _check_backbone_kwargs(config: dict) -> list[str]:
             problems.append(f"config key backbone_kwargs.{backbone}: {backbone!r} is not a backbone; allowed values: "
                             f"{sorted(BACKBONE_KWARGS)}")
             continue
-        declared = BACKBONE_KWARGS[backbone]
-        for key, value in kwargs.items():
-            if key not in declared:
-                problems.append(f"config key backbone_kwargs.{backbone}.{key}: {backbone} accepts no keyword {key!r}; "
-                                f"allowed: {sorted(declared)} (src/classlab/backbone_specs.py)")
-                continue
-            for message in _fragment_errors(declared[key], value):
-                problems.append(f"config key backbone_kwargs.{backbone}.{key}: {message}")
+        problems += _backbone_kwargs_problems(backbone, kwargs, f"backbone_kwargs.{backbone}")
     return problems
 
 
 def _validate_teacher(teacher: dict) -> list[str]:
     """The distillation teacher: its backbone's keywords and its pretraining overrides."""
-    from classlab.backbone_specs import BACKBONE_KWARGS
-
-    problems, declared = [], BACKBONE_KWARGS.get(teacher["backbone"], {})
-    for key, value in teacher.get("backbone_kwargs", {}).items():
-        if key not in declared:
-            problems.append(f"config key families.distill.teacher.backbone_kwargs.{key}: {teacher['backbone']} "
-                            f"accepts no keyword {key!r}; allowed: {sorted(declared)} (src/classlab/backbone_specs.py)")
-            continue
-        for message in _fragment_errors(declared[key], value):
-            problems.append(f"config key families.distill.teacher.backbone_kwargs.{key}: {message}")
+    problems = _backbone_kwargs_problems(teacher["backbone"], teacher.get("backbone_kwargs", {}),
+                                         "families.distill.teacher.backbone_kwargs")
     return problems + _check_method("pretrain", "supervised", teacher.get("overrides"),
                                     "families.distill.teacher.overrides")
 
