@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 from classlab.engine import CheckpointError, load_checkpoint, save_checkpoint
 from classlab.engine.schedule import lr_factor
 from tests.conftest import env_with_venv
