@@ -40,7 +40,7 @@ def test_smoke_run_on_slurm(cluster, tmp_path, monkeypatch):
     assert log.count("has been submitted with SLURM jobid") == len(
         [l for l in log.splitlines() if l.startswith("rule ")])
     summary = pd.read_csv(work / "results/tables/supervised/summary.csv")
-    assert set(summary.method) == {"erm", "linear_probe"}
+    assert set(summary.method) == {"erm", "linear_probe", "ps_kd", "erm_simclr"}
     snakemake(work, *args, "--report", "results/report.html")
     assert (work / "results/report.html").stat().st_size > 100_000
     assert planned_jobs(work, "--configfile", "config/smoke.yaml") == 0

@@ -15,16 +15,24 @@ pytestmark = pytest.mark.slow
 
 def test_smoke_run_produces_tables_figures_claims(smoke_run):
     summary = pd.read_csv(smoke_run / "results/tables/supervised/summary.csv")
-    assert set(summary.method) == {"erm", "linear_probe"}
+    assert set(summary.method) == {"erm", "linear_probe", "ps_kd", "erm_simclr"}
     assert (summary.seeds == 2).all()
-    assert summary.top1_mean.between(0.2, 1.0).all()  # far above 10-class chance on digits
+    # far above 10-class chance on digits from the supervised backbone (the smoke SimCLR node trains
+    # one epoch, so erm_simclr is only required to run)
+    assert summary[summary.method != "erm_simclr"].top1_mean.between(0.2, 1.0).all()
+    distill = pd.read_csv(smoke_run / "results/tables/distill/summary.csv")
+    assert set(distill.method) == {"ce", "kd"} and distill.feature_norm_mean_mean.gt(0).all()
     claims = pd.read_csv(smoke_run / "results/claims.csv")
     assert claims.verdict.isin(["holds", "inconclusive", "does not hold"]).all()
-    for name in ("learning_curves", "accuracy_by_method", "reliability", "confusion"):
-        png = smoke_run / f"results/figures/supervised/digits/convnet/{name}.png"
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # one pretrained backbone per seed, shared by both methods
-    assert len(list((smoke_run / "results/checkpoints/pretrain").rglob("model.pt"))) == 2
+    assert {"supervised", "distill"} <= set(claims.family)
+    for family in ("supervised", "distill"):
+        for name in ("learning_curves", "accuracy_by_method", "reliability", "confusion", "feature_norms"):
+            png = smoke_run / f"results/figures/{family}/digits/convnet/{name}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # one pretrained backbone per seed and pretraining node (supervised, simclr), shared by the methods
+    assert len(list((smoke_run / "results/checkpoints/pretrain").rglob("model.pt"))) == 4
+    # one teacher per seed, shared by the students that use one
+    assert len(list((smoke_run / "results/checkpoints/teacher").rglob("model.pt"))) == 2
 
 
 def test_rerun_is_a_noop(smoke_run):
@@ -86,12 +94,16 @@ def test_full_incremental_grid_resolves():
 
 def test_retrain_under_an_edited_setting_re_evaluates(smoke_run, tmp_path):
     """Evaluation reads its model.pt as an ancient() input (a `dvc pull` must not re-evaluate), so a
-    retrain caused by an edited override must reach the evaluation through the rule's params."""
+    retrain caused by an edited override reaches the evaluation through the rule's params. Snakemake
+    does not follow an ancient() input within the invocation that retrains, so the evaluations are
+    planned by the next one (a known limitation, stated in the README)."""
     work = tmp_path / "repo"
     shutil.copytree(smoke_run, work, symlinks=True)
     smoke = work / "config/smoke.yaml"
     smoke.write_text(smoke.read_text().replace("ps_kd: {epochs: 2,", "ps_kd: {epochs: 1,"))
+    models = [f"results/checkpoints/supervised/digits/convnet/ps_kd/seed{k}/model.pt" for k in (0, 1)]
+    snakemake(work, "-c1", *models, "--allowed-rules", "train_classifier", "--configfile", "config/smoke.yaml")
     proc = snakemake(work, "-n", "--configfile", "config/smoke.yaml")
     lines = (proc.stdout + proc.stderr).splitlines()
     jobs = [line.split()[1].rstrip(":") for line in lines if line.startswith(("rule ", "localrule "))]
-    assert jobs.count("train_classifier") == 2 and jobs.count("evaluate_classifier") == 2, jobs
+    assert jobs.count("train_classifier") == 0 and jobs.count("evaluate_classifier") == 2, jobs

@@ -147,9 +147,8 @@ def classifier_overrides(wildcards):
 
 
 def classifier_training_params(wildcards):
-    return json.dumps([classifier_overrides(wildcards), backbone_kwargs_json(wildcards),
-                       classifier_init(wildcards.cls_family, wildcards.cls_method, wildcards.backbone,
-                                       wildcards.dataset, wildcards.seed)])
+    # no file paths in here: Snakemake ignores a param that names an input file when it compares params
+    return json.dumps([classifier_overrides(wildcards), backbone_kwargs_json(wildcards)])
 
 
 def classifier_runs(family, kind, dataset=None, backbone=None):
