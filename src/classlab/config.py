@@ -38,6 +38,9 @@ SCHEMA_FILE = "_schema.yaml"  # the shared declarations: config/methods/_schema.
 METHOD_KEYS = ("paper", "extends", "scenario_kinds", "hparams", "schema")
 # the scenario kinds of the incremental family's protocols (the last two build their own scenario)
 SCENARIO_KINDS = ("class_incremental", "few_shot", "si_blurry", "multilabel", "continual_forgetting")
+# the split kinds of the discovery protocol (classlab.data.discovery_split; latent_shift: LLS's domains)
+DISCOVERY_KINDS = ("gcd", "ncd", "continual", "active", "latent_shift")
+PROTOCOL_KINDS = {"incremental": SCENARIO_KINDS, "discovery": DISCOVERY_KINDS}
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -163,9 +166,10 @@ def method_spec(family: str, method: str, _chain: tuple[str, ...] = ()) -> dict[
     spec["schema"].update(own_schema)
     if "scenario_kinds" in doc:
         kinds = doc["scenario_kinds"]
-        if not isinstance(kinds, list) or not kinds or any(k not in SCENARIO_KINDS for k in kinds):
+        allowed = PROTOCOL_KINDS.get(family, ())
+        if not isinstance(kinds, list) or not kinds or any(k not in allowed for k in kinds):
             raise ConfigError(f"{_rel(path)}: scenario_kinds: {kinds!r} is not allowed; give a non-empty list of "
-                              f"{list(SCENARIO_KINDS)}")
+                              f"{list(allowed)}")
         spec["scenario_kinds"] = tuple(kinds)
     return spec
 

@@ -153,6 +153,7 @@ def build_discovery_split(kind: str, dataset: str, train_labels: np.ndarray, num
         rounds = _as_int(rounds, "rounds")
         _check(budget >= 1, "budget", f"must be at least 1 label, got {budget}")
         _check(rounds >= 1, "rounds", f"must be at least 1 round, got {rounds}")
+        _check(budget >= rounds, "budget", f"{budget} labels cannot fill {rounds} rounds (at least one label per round)")
         params.update(budget=budget, rounds=rounds)
 
     class_order = np.random.default_rng(seed).permutation(num_classes).tolist()

@@ -16,6 +16,8 @@ import pkgutil
 from classlab.config import ConfigError, method_config_path, method_modules, method_scenario_kinds, method_spec
 
 METHODS: dict[tuple[str, str], type] = {}
+# families whose methods run inside a protocol and declare the protocol kinds they run on
+PROTOCOL_FAMILIES = ("incremental", "discovery")
 
 
 def _declared_scenario_kinds(family: str, name: str) -> tuple[str, ...] | None:
@@ -25,7 +27,7 @@ def _declared_scenario_kinds(family: str, name: str) -> tuple[str, ...] | None:
         kinds = method_scenario_kinds(family, name)
     except ConfigError:
         kinds = None
-    if kinds is None and family == "incremental":
+    if kinds is None and family in PROTOCOL_FAMILIES:
         return ()
     return kinds
 
@@ -72,11 +74,11 @@ def get_method(family: str, name: str) -> type:
         known = sorted(set(n for f, n in METHODS if f == family))
         raise KeyError(f"unknown method {name!r} in family {family!r}; known: {known}")
     cls = METHODS[(family, name)]
-    if family == "incremental":
+    if family in PROTOCOL_FAMILIES:
         kinds = method_scenario_kinds(family, name)  # read again: raises ConfigError naming a broken YAML
         if kinds is None:
             raise ConfigError(f"{method_config_path(family, name)} declares no scenario_kinds (nor does a method it "
-                              f"extends): the incremental protocols need it")
+                              f"extends): the {family} protocols need it")
         cls.scenario_kinds = kinds
     return cls
 

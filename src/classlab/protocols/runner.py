@@ -48,11 +48,11 @@ from classlab.methods.registry import get_method
 from classlab.provenance import run_provenance
 
 
-def resolve_learner(method: str, kind: str, backbone: str, overrides: dict | None):
-    """Hyperparameters and class of ``method`` for a protocol of ``kind`` on ``backbone``; refuses a
-    method that does not run on that protocol or that pins another backbone."""
-    hparams = resolve_hparams("incremental", method, overrides)
-    learner_cls = get_method("incremental", method)
+def resolve_learner(method: str, kind: str, backbone: str, overrides: dict | None, family: str = "incremental"):
+    """Hyperparameters and class of ``family/method`` for a protocol of ``kind`` on ``backbone``;
+    refuses a method that does not run on that protocol or that pins another backbone."""
+    hparams = resolve_hparams(family, method, overrides)
+    learner_cls = get_method(family, method)
     if kind not in learner_cls.scenario_kinds:
         raise ScenarioError(f"scenario.kind: {method} runs on {list(learner_cls.scenario_kinds)}, not {kind!r}")
     if hparams.get("backbone") and hparams["backbone"] != backbone:
@@ -100,6 +100,7 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 class ProtocolRun:
+    family: str = "incremental"  # the method family whose learners this protocol runs
     kind: str = ""             # the scenario kind a learner must list in ``scenario_kinds``
     task_seed_stride = 1000  # task t of seed s trains with seed s * stride + t
 
@@ -241,7 +242,8 @@ class ProtocolRun:
     def run(self) -> dict:
         set_threads(self.threads)
         seed_everything(self.seed)
-        self.hparams, self.learner_cls = resolve_learner(self.method, self.kind, self.backbone, self.overrides)
+        self.hparams, self.learner_cls = resolve_learner(self.method, self.kind, self.backbone, self.overrides,
+                                                            self.family)
         self.setup()
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.fingerprint = make_fingerprint(
