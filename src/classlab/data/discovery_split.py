@@ -44,6 +44,8 @@ class SplitError(ValueError):
 
 
 SPLIT_KINDS = ("gcd", "ncd", "continual", "active")
+# latent_shift (LLS: domains of shifted class priors, no labels) is built and checked by its own module
+EXTERNAL_KINDS = {"latent_shift": "classlab.data.latent_shift"}
 
 # one generator per (seed, stream, class): see the module docstring
 _TRAIN_SUBSET, _LABELLED, _TEST_SUBSET, _STAGE_SHARE = 1, 2, 3, 4
@@ -108,7 +110,7 @@ def build_discovery_split(kind: str, dataset: str, train_labels: np.ndarray, num
                           test_samples_per_class: int = 0,
                           stages: int = 2,
                           old_fraction: float = 0.5,
-                          budget: int = 0, rounds: int = 0) -> dict:
+                          budget: int = 0, rounds: int = 0, **extra) -> dict:
     """Build and validate a discovery split manifest (plain JSON types; index lists sorted).
 
     ``labelled`` and ``unlabelled`` are positions in ``train_labels``; ``test`` positions in
@@ -116,7 +118,14 @@ def build_discovery_split(kind: str, dataset: str, train_labels: np.ndarray, num
     cut) gets ``round(labelled_fraction * n_c)`` labelled samples (Python's ``round``: halves go
     to the even number). Raises ``SplitError`` naming the field for any input that does not fit.
     """
-    _check(kind in SPLIT_KINDS, "kind", f"{kind!r} is not one of {', '.join(SPLIT_KINDS)}")
+    _check(kind in SPLIT_KINDS or kind in EXTERNAL_KINDS, "kind",
+           f"{kind!r} is not one of {', '.join(SPLIT_KINDS + tuple(EXTERNAL_KINDS))}")
+    if kind in EXTERNAL_KINDS:
+        import importlib
+
+        return importlib.import_module(EXTERNAL_KINDS[kind]).build_split(
+            dataset, train_labels, num_classes, seed, test_labels=test_labels, **extra)
+    _check(not extra, next(iter(extra), "params"), f"does not apply to kind {kind!r}")
     _check(isinstance(dataset, str) and dataset != "", "dataset", f"must be a non-empty name, got {dataset!r}")
     num_classes = _as_int(num_classes, "num_classes")
     _check(num_classes >= 2, "num_classes", f"discovery needs at least 2 classes, got {num_classes}")
@@ -241,6 +250,11 @@ def validate_discovery_split(manifest: dict) -> None:
     """Check the invariants every manifest must hold; raise ``SplitError`` naming the field."""
     if not isinstance(manifest, dict):
         raise SplitError(f"discovery: a manifest is a dict, got {type(manifest).__name__}")
+    if manifest.get("kind") in EXTERNAL_KINDS:
+        import importlib
+
+        importlib.import_module(EXTERNAL_KINDS[manifest["kind"]]).validate_split(manifest)
+        return
     for key in ("kind", "dataset", "seed", "num_classes", "params", "class_order", "known_classes",
                 "novel_classes", "labelled", "unlabelled", "test"):
         _check(key in manifest, key, "missing from the manifest")

@@ -16,6 +16,8 @@ only what differs:
 - ``predict(x)``: scores over clusters, [B, K]; the argmax is the sample's cluster id. Evaluation
   matches cluster ids to classes (Hungarian), so a cluster id means nothing by itself, except that
   for the labelled classes a parametric head uses the label index as its output index.
+- ``predict_in_domain(x, domain)`` (latent label shift): scores given each sample's domain; in a
+  ``latent_shift`` split ``batch["y"]`` holds the sample's *domain* (its class is hidden);
 - ``select_queries(context, budget)`` (active discovery): which unlabelled samples to label next;
   ``map_revealed(classes, context)``: which head index each newly revealed class takes.
 
@@ -50,6 +52,9 @@ class DiscoveryTask:
     num_clusters: int             # clusters to find among the data seen so far (the true count unless estimated)
     new_clusters: int = 0         # continual discovery: how many classes this stage brings
     kind: str = "gcd"
+    # the dataset class of each label index (known classes first; not secret: they are the labelled
+    # ones), for methods that read a model whose head is indexed by dataset class (a supervised init)
+    label_classes: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -64,7 +69,10 @@ class DiscoveryContext:
     scores: Callable[[torch.Tensor], torch.Tensor]   # train positions -> predict() scores (eval, no aug)
     device: torch.device
     seed: int = 0
-    extra: dict = field(default_factory=dict)
+    train_x: torch.Tensor | None = None  # uint8, the whole prepared train split (for a phase's loader)
+    mean: list[float] | None = None      # the loader's per-channel normalisation (images / 255)
+    std: list[float] | None = None
+    domains: torch.Tensor | None = None  # latent_shift: [N train] domain id, -1 outside the split
 
 
 class DiscoveryLearner(Method):
@@ -104,6 +112,10 @@ class DiscoveryLearner(Method):
         return self.model.features(x)
 
     def forward(self, x):
+        return self.predict(x)
+
+    def predict_in_domain(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        """latent_shift: scores of samples drawn from ``domain`` (LLS's p_d(y|x)); default ``predict(x)``."""
         return self.predict(x)
 
     def select_queries(self, context: DiscoveryContext, budget: int) -> torch.Tensor:

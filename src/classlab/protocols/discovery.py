@@ -13,6 +13,9 @@ Tasks by kind:
 - ``ncd``: the same, with an unlabelled pool of novel classes only;
 - ``continual``: task 0 trains on the labelled known classes only; task s >= 1 on stage s's
   unlabelled pool alone (new classes plus recurring old ones), as in Happy's protocol;
+- ``latent_shift``: one task over the domains' samples, no class label at all: the learner sees
+  each sample's domain id as its label (a domain discriminator's target), and is scored with
+  ``predict_in_domain`` (LLS's p_d(y|x));
 - ``active``: task 0 as ``gcd``; before each of the ``rounds`` later tasks the learner queries
   ``budget / rounds`` unlabelled samples, whose labels are revealed (each revealed class gets a
   label index by ``learner.map_revealed``); the queried positions are saved per round.
@@ -91,6 +94,10 @@ class DiscoveryRun(ProtocolRun):
         self.learner.scenario_kind = self.kind
         self.train_y = self.data.train.y
         self.labelled = torch.tensor(self.split["labelled"], dtype=torch.long)
+        self.domain_of = torch.full((len(self.train_y),), -1, dtype=torch.long)
+        if self.kind == "latent_shift":
+            for d, members in enumerate(self.split["domains"]):
+                self.domain_of[torch.tensor(members, dtype=torch.long)] = d
         self.test_idx = torch.tensor(self.split["test"], dtype=torch.long) if self.split["test"] \
             else torch.arange(len(self.data.test.y))
         if self.kind == "active":
@@ -115,6 +122,8 @@ class DiscoveryRun(ProtocolRun):
         """[N train] label index per sample, -1 where hidden: the labelled known samples (task 0 onward
         for gcd/ncd/active; task 0 only for continual), plus the active rounds' revealed queries."""
         vis = torch.full((len(self.train_y),), -1, dtype=torch.long)
+        if self.kind == "latent_shift":
+            return self.domain_of.clone()  # the domain is the only label there is
         if self.kind == "continual" and t > 0:
             return vis
         index_of = {c: k for k, c in enumerate(self.known)}
@@ -142,7 +151,7 @@ class DiscoveryRun(ProtocolRun):
             for stage in self.split["stages"][:t]:
                 seen += stage["new_classes"]
             return sorted(seen)
-        if self.kind == "ncd":
+        if self.kind in ("ncd", "latent_shift"):
             return list(self.novel)
         return sorted(self.known + self.novel)
 
@@ -166,7 +175,17 @@ class DiscoveryRun(ProtocolRun):
         new = len(self.split["stages"][t - 1]["new_classes"]) if self.kind == "continual" and t > 0 else 0
         clusters = len(self.seen_classes(t)) if self.kind == "continual" else self.learner.num_classes
         self.learner.begin_task(t, DiscoveryTask(t, int(vis.max()) + 1 if bool((vis >= 0).any()) else 0,
-                                                 clusters, new, self.kind))
+                                                 clusters, new, self.kind, self.label_classes(t)))
+
+    def label_classes(self, t: int) -> list[int]:
+        """The dataset class of each label index: the known classes, then the active rounds' revealed ones."""
+        if self.kind == "latent_shift":
+            return []
+        index_of = {c: k for k, c in enumerate(self.known)}
+        for r in range(1, t + 1):
+            if f"label_map_round{r}" in self.outputs:
+                index_of.update({int(a): int(b) for a, b in self.outputs[f"label_map_round{r}"]})
+        return [c for c, _ in sorted(index_of.items(), key=lambda kv: kv[1])]
 
     def _query(self, t: int) -> None:
         """Active discovery: the learner picks this round's samples; the oracle reveals their classes."""
@@ -194,7 +213,7 @@ class DiscoveryRun(ProtocolRun):
         vis = self.visible_labels(t)
         labelled = torch.nonzero(vis >= 0).flatten()
         pool = self.unlabelled_pool(t)
-        pool = pool[vis[pool] < 0]
+        pool = pool[vis[pool] < 0]  # latent_shift: every sample carries its domain, so all are in ``labelled``
         self.task_train_samples = len(labelled) + len(pool)
         half = max(int(trainer.config.batch_size) // 2, 1)
         sources, sizes = {}, {}
@@ -209,14 +228,28 @@ class DiscoveryRun(ProtocolRun):
     def context(self, t: int) -> DiscoveryContext:
         x = self.data.train.x
         vis = self.visible_labels(t)
-        return DiscoveryContext(t, torch.nonzero(vis >= 0).flatten(), self.unlabelled_pool(t), vis,
+        labelled = torch.nonzero(vis >= 0).flatten() if self.kind != "latent_shift" else torch.zeros(0, dtype=torch.long)
+        return DiscoveryContext(t, labelled, self.unlabelled_pool(t), vis,
                                 self.embed_fn(x, self.mean, self.std, self.learner.features),
-                                self.embed_fn(x, self.mean, self.std, self.learner.predict), self.device, self.seed)
+                                self.embed_fn(x, self.mean, self.std, self.learner.predict), self.device, self.seed,
+                                x, self.mean, self.std, self.domain_of if self.kind == "latent_shift" else None)
 
-    def _assign(self, x: torch.Tensor) -> np.ndarray:
+    def _assign(self, x: torch.Tensor, domains: torch.Tensor | None = None) -> np.ndarray:
         self.learner.eval()
-        scores = predict_logits(FunctionModule(self.learner.predict), x, self.mean, self.std, self.device)
-        return scores.argmax(1).numpy().astype(np.int64)
+        if domains is None:
+            scores = predict_logits(FunctionModule(self.learner.predict), x, self.mean, self.std, self.device)
+            return scores.argmax(1).numpy().astype(np.int64)
+        out = []
+        for d in torch.unique(domains).tolist():  # p_d(y|x): one domain at a time
+            rows = torch.nonzero(domains == d).flatten()
+            fn = FunctionModule(lambda xb, d=d: self.learner.predict_in_domain(xb, torch.full((len(xb),), d,
+                                                                                               dtype=torch.long,
+                                                                                               device=xb.device)))
+            out.append((rows, predict_logits(fn, x[rows], self.mean, self.std, self.device).argmax(1)))
+        pred = torch.zeros(len(x), dtype=torch.long)
+        for rows, p in out:
+            pred[rows] = p
+        return pred.numpy().astype(np.int64)
 
     def evaluate_task(self, t: int) -> dict:
         pool = self.unlabelled_pool(t) if not (self.kind == "continual" and t == 0) else self.labelled
@@ -225,9 +258,16 @@ class DiscoveryRun(ProtocolRun):
             pool = pool[vis[pool] < 0]  # queried samples are labelled now
         seen = self.seen_classes(t)
         test = self.test_idx[torch.isin(self.data.test.y[self.test_idx], torch.tensor(seen))]
-        self.outputs[f"pred_unlabelled_task{t}"] = self._assign(self.data.train.x[pool])
+        shift = self.kind == "latent_shift"
+        self.outputs[f"pred_unlabelled_task{t}"] = self._assign(self.data.train.x[pool],
+                                                                 self.domain_of[pool] if shift else None)
         self.outputs[f"labels_unlabelled_task{t}"] = self.train_y[pool].numpy().astype(np.int64)
-        self.outputs[f"pred_test_task{t}"] = self._assign(self.data.test.x[test])
+        if shift:  # test samples carry the domain they were drawn for
+            test_dom = torch.tensor(self.split["test_domains"], dtype=torch.long)
+            test = self.test_idx
+            self.outputs[f"pred_test_task{t}"] = self._assign(self.data.test.x[test], test_dom)
+        else:
+            self.outputs[f"pred_test_task{t}"] = self._assign(self.data.test.x[test])
         self.outputs[f"labels_test_task{t}"] = self.data.test.y[test].numpy().astype(np.int64)
         self.outputs[f"old_classes_task{t}"] = np.array(self.old_classes(t), dtype=np.int64)
         if int(self.learner.estimated_k) >= 0:
