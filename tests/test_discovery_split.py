@@ -72,8 +72,9 @@ def test_seed_determinism_and_difference():
     assert a["class_order"] == np.random.default_rng(0).permutation(10).tolist()
 
 
-def test_continual_stages():
-    m = build("continual", stages=2, old_fraction=0.25)
+def test_continual_stages_without_recurring_novel_classes():
+    # novel_first_fraction 1.0: a novel class puts every sample in the stage that brings it
+    m = build("continual", stages=2, old_fraction=0.25, novel_first_fraction=1.0)
     stages = m["stages"]
     assert len(stages) == 2
     order = m["class_order"]
@@ -95,6 +96,25 @@ def test_continual_stages():
         counts = np.bincount(TRAIN[stages[s]["unlabelled"]], minlength=10)
         assert all(counts[c] == 5 for c in m["known_classes"])
     assert m["params"]["stages"] == 2 and m["params"]["old_fraction"] == 0.25
+    assert m["params"]["novel_first_fraction"] == 1.0
+
+
+def test_continual_novel_classes_recur_with_the_rest_of_their_samples():
+    m = build("continual", stages=2, old_fraction=0.25)      # novel_first_fraction: 0.8 by default
+    assert m["params"]["novel_first_fraction"] == 0.8
+    first, second = m["stages"]
+    sets = [set(s["unlabelled"]) for s in m["stages"]]
+    assert not sets[0] & sets[1] and m["unlabelled"] == sorted(sets[0] | sets[1])
+    counts = [np.bincount(TRAIN[s["unlabelled"]], minlength=10) for s in m["stages"]]
+    for c in first["new_classes"]:
+        # round(0.8 * 40) = 32 in its own stage; its other 8 recur: round(0.25 * 8) = 2 in stage 2
+        assert counts[0][c] == 32 and counts[1][c] == 2
+    for c in second["new_classes"]:
+        # 32 in the last stage; no later stage draws its other 8
+        assert counts[1][c] == 32
+    for c in m["known_classes"]:
+        assert counts[0][c] == 5 and counts[1][c] == 5              # round(0.25 * 20), as before
+    assert classes_of(second["unlabelled"]) == set(range(10))
 
 
 def test_continual_old_classes_run_out():
@@ -133,6 +153,9 @@ def test_active_records_budget_and_rounds():
     ("continual", {"stages": 6}, "stages"),                               # only 5 novel classes
     ("continual", {"old_fraction": -0.1}, "old_fraction"),
     ("continual", {"old_fraction": 1.1}, "old_fraction"),
+    ("continual", {"novel_first_fraction": 0.0}, "novel_first_fraction"),
+    ("continual", {"novel_first_fraction": 1.5}, "novel_first_fraction"),
+    ("continual", {"novel_first_fraction": 0.01}, "novel_first_fraction"),   # round(0.01 * 40) = 0
 ])
 def test_bad_input_names_the_field(kind, kw, field):
     with pytest.raises(SplitError, match=rf"^discovery\.{field}: "):

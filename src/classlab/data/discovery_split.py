@@ -12,13 +12,18 @@ Kinds (``SPLIT_KINDS``):
 - ``ncd``: the unlabelled set holds the novel-class samples only (novel class discovery); the
   known classes' leftover samples are not used. The test set is restricted to novel classes.
 - ``continual``: the labelled known set is stage 0; the novel classes then arrive over
-  ``stages`` unlabelled stages (dealt in class order, as evenly as possible), each stage also
-  holding a seeded share ``old_fraction`` of every class seen before it (continual GCD, as in
-  Happy). Shares are drawn without replacement across stages, so no sample is in two stages; a
-  class that has run out contributes what is left (possibly nothing). Because a stage holds
-  every sample of its new classes, a novel class has nothing left once its stage is over: in
-  later stages the recurring samples come from the known classes only (the manifest still lists
-  the earlier novel classes among ``old_classes``).
+  ``stages`` unlabelled stages (dealt in class order, as evenly as possible). A novel class puts
+  a seeded share ``novel_first_fraction`` of its samples (default 0.8) in the stage that brings
+  it; the rest of its samples joins the pool of recurring samples, as the known classes'
+  unlabelled samples do from the start. Each stage then also draws, from that pool, a share
+  ``old_fraction`` of every class seen before it (continual GCD as in Happy, Ma et al., NeurIPS
+  2024, whose data code gives a new class most of its samples in its first stage and small
+  shares in later ones). A class's share is ``round(old_fraction * n)`` of its ``n`` recurring
+  samples; shares are drawn without replacement across stages, so no sample is in two stages,
+  and a class that has run out contributes what is left (possibly nothing). The novel classes
+  of the last stage have no later stage, so the rest of their samples is in no stage.
+  ``novel_first_fraction`` 1.0 puts every sample of a novel class in its own stage: the
+  recurring samples then come from the known classes only.
 - ``active``: the ``gcd`` partition plus a label ``budget`` spent in ``rounds``; the queries are
   chosen later by the run and written to its outputs.
 
@@ -110,6 +115,7 @@ def build_discovery_split(kind: str, dataset: str, train_labels: np.ndarray, num
                           test_samples_per_class: int = 0,
                           stages: int = 2,
                           old_fraction: float = 0.5,
+                          novel_first_fraction: float = 0.8,
                           budget: int = 0, rounds: int = 0, **extra) -> dict:
     """Build and validate a discovery split manifest (plain JSON types; index lists sorted).
 
@@ -156,7 +162,10 @@ def build_discovery_split(kind: str, dataset: str, train_labels: np.ndarray, num
         _check(stages <= num_novel, "stages",
                f"{stages} stages but only {num_novel} novel classes: every stage must bring a new class")
         _check(0.0 <= old_fraction <= 1.0, "old_fraction", f"must lie in [0, 1], got {old_fraction}")
-        params.update(stages=stages, old_fraction=old_fraction)
+        novel_first_fraction = _as_float(novel_first_fraction, "novel_first_fraction")
+        _check(0.0 < novel_first_fraction <= 1.0, "novel_first_fraction",
+               f"must lie in (0, 1], got {novel_first_fraction}")
+        params.update(stages=stages, old_fraction=old_fraction, novel_first_fraction=novel_first_fraction)
     if kind == "active":
         budget = _as_int(budget, "budget")
         rounds = _as_int(rounds, "rounds")
@@ -193,7 +202,7 @@ def build_discovery_split(kind: str, dataset: str, train_labels: np.ndarray, num
         manifest["unlabelled"] = _sorted_list(np.concatenate([per_class[c] for c in novel]))
     else:
         manifest["stages"] = _continual_stages(class_order[num_known:], known, per_class, rest_of,
-                                               stages, old_fraction, seed)
+                                               stages, old_fraction, novel_first_fraction, seed)
         manifest["unlabelled"] = sorted(i for stage in manifest["stages"] for i in stage["unlabelled"])
 
     _check(len(manifest["unlabelled"]) > 0, "unlabelled",
@@ -214,7 +223,8 @@ def build_discovery_split(kind: str, dataset: str, train_labels: np.ndarray, num
 
 
 def _continual_stages(novel_in_order: list[int], known: list[int], per_class: dict[int, np.ndarray],
-                      rest_of: dict[int, np.ndarray], stages: int, old_fraction: float, seed: int) -> list[dict]:
+                      rest_of: dict[int, np.ndarray], stages: int, old_fraction: float,
+                      novel_first_fraction: float, seed: int) -> list[dict]:
     # the novel classes, in class order, cut into `stages` consecutive groups whose sizes differ
     # by at most one (the first groups take the remainder)
     size, extra = divmod(len(novel_in_order), stages)
@@ -223,20 +233,34 @@ def _continual_stages(novel_in_order: list[int], known: list[int], per_class: di
         end = start + size + (1 if s < extra else 0)
         groups.append(novel_in_order[start:end])
         start = end
-    # pool of each class that may recur: a known class's unlabelled samples; a novel class's
-    # samples are all taken by its own stage, so its pool is empty afterwards
-    pool = {c: _rng(seed, _STAGE_SHARE, c).permutation(rest_of[c]) for c in known}
-    share = {c: round(old_fraction * len(rest_of[c])) for c in known}
-    taken = {c: 0 for c in known}
+    # recurring samples of each class, in a seeded order that later stages take from the front:
+    # a known class's unlabelled samples from the start; a novel class's joins once its stage has
+    # taken its first share (both orders come from the class's own _STAGE_SHARE generator)
+    pool: dict[int, np.ndarray] = {}
+    share: dict[int, int] = {}
+    taken: dict[int, int] = {}
+
+    def recur(c: int, samples: np.ndarray) -> None:
+        pool[c], share[c], taken[c] = samples, round(old_fraction * len(samples)), 0
+
+    for c in known:
+        recur(c, _rng(seed, _STAGE_SHARE, c).permutation(rest_of[c]))
     seen = list(known)
     out = []
     for s, group in enumerate(groups, start=1):
-        stage_idx = [per_class[c] for c in group]
+        stage_idx = []
+        for c in group:
+            drawn = _rng(seed, _STAGE_SHARE, c).permutation(per_class[c])
+            n_first = round(novel_first_fraction * len(drawn))
+            _check(n_first >= 1 or len(drawn) == 0, "novel_first_fraction",
+                   f"novel class {c} has {len(drawn)} training samples, so a fraction of {novel_first_fraction} "
+                   f"puts none of them in its first stage; raise the fraction")
+            stage_idx.append(drawn[:n_first])
+            recur(c, drawn[n_first:])  # drawn by the later stages only
         for c in seen:
-            if c in pool:
-                n = min(share[c], len(pool[c]) - taken[c])   # a class that runs out gives what is left
-                stage_idx.append(pool[c][taken[c]:taken[c] + n])
-                taken[c] += n
+            n = min(share[c], len(pool[c]) - taken[c])   # a class that runs out gives what is left
+            stage_idx.append(pool[c][taken[c]:taken[c] + n])
+            taken[c] += n
         unlabelled = _sorted_list(np.concatenate(stage_idx)) if stage_idx else []
         _check(len(unlabelled) > 0, "stages",
                f"stage {s} (new classes {sorted(group)}) has no samples; use fewer stages or more data")
