@@ -18,6 +18,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/classifiers.smk"
 include: "workflow/rules/incremental.smk"
+include: "workflow/rules/discovery.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -36,6 +37,10 @@ localrules:
     evaluate_multilabel,
     aggregate_incremental,
     plot_incremental,
+    build_discovery_split,
+    evaluate_discovery,
+    aggregate_discovery,
+    plot_discovery,
 
 
 rule all:

@@ -166,3 +166,26 @@ def test_gcd_representation_loss_weights_supervised_term():
     assert torch.allclose(loss, 0.65 * logs["l_unsup"] + 0.35 * logs["l_sup"], atol=1e-6)
     _, unl = rep(h1, h2, torch.full((8,), -1))
     assert float(unl["l_sup"]) == 0.0  # no labelled sample: the supervised term vanishes
+
+
+def test_smoke_run_discovery_tables_figures_claims_and_inits(smoke_run):
+    """The smoke config's discovery slice end to end: a GCD split from the simclr node, an NCD split
+    from the supervised model of the labelled known classes (pretrain_known), tables, claims, figures."""
+    import pandas as pd
+
+    summary = pd.read_csv(smoke_run / "results/tables/discovery/summary.csv")
+    assert set(zip(summary.scenario, summary.method)) == {("gcd", "kmeans"), ("gcd", "simgcd"), ("ncd", "kmeans")}
+    assert (summary.seeds == 2).all() and summary.acc_all_mean.between(0.1, 1.0).all()
+    # the report says which labels each backbone saw: none (simclr), the known classes only (pretrain_known)
+    inits = dict(zip(summary.scenario, summary.backbone_init))
+    assert "no labels" in inits["gcd"] and "only" in inits["ncd"] and "ALL" not in inits["ncd"]
+    for seed in (0, 1):
+        split = json.loads((smoke_run / f"results/splits/discovery/digits/ncd/seed{seed}.json").read_text())
+        hist = json.loads((smoke_run / f"results/checkpoints/pretrain_known/digits/convnet/ncd/seed{seed}/"
+                           f"history.json").read_text())
+        assert sorted(json.loads(hist["meta"]["hparams"])["classes"]) == split["known_classes"]
+    claims = pd.read_csv(smoke_run / "results/tables/discovery/claims.csv")
+    assert "SimGCD beats k-means on New accuracy" in set(claims.claim)
+    for name in ("discovery_accuracy", "discovery_projection", "discovery_confusion", "discovery_stages",
+                 "discovery_queries"):
+        assert (smoke_run / f"results/figures/discovery/{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

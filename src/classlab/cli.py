@@ -41,6 +41,12 @@ def _train(a):
             raise SystemExit(f"{a.classes_from_scenario}: the first task holds no training samples, so there is "
                              f"nothing to pretrain on; use init: scratch for this scenario or another seed")
         overrides["classes"], indices = first.classes, sorted(first.train_indices)
+    if a.classes_from_split:
+        from classlab.data.discovery_split import load_discovery_split
+
+        # the labelled samples of the known classes only: a novel class's label never reaches this model
+        split = load_discovery_split(Path(a.classes_from_split))
+        overrides["classes"], indices = list(split["known_classes"]), list(split["labelled"])
     train(a.family, a.method, Path(a.data), a.backbone, a.seed, Path(a.out_dir),
           overrides=overrides, indices=indices, init=Path(a.init) if a.init else None,
           backbone_kwargs=json.loads(a.backbone_kwargs), pretrained_weights=a.pretrained_weights,
@@ -103,6 +109,59 @@ def _build_scenario(a):
     scenario = build_scenario(kind, data.manifest["dataset"], data.train.y.numpy(), data.num_classes, a.seed,
                               test_labels=data.test.y.numpy(), **params)
     scenario.save(Path(a.out))
+
+
+def _build_discovery_split(a):
+    from classlab.data.discovery_split import build_discovery_split, write_discovery_split
+    from classlab.data.prepare import load_prepared
+
+    data = load_prepared(Path(a.data))
+    params = json.loads(a.params)
+    kind = params.pop("kind")
+    params.pop("init", None)
+    params.pop("datasets", None)
+    name = params.pop("name", kind)
+    manifest = build_discovery_split(kind, data.manifest["dataset"], data.train.y.numpy(), data.num_classes, a.seed,
+                                     test_labels=data.test.y.numpy(), **params)
+    manifest["params"]["name"] = name
+    write_discovery_split(manifest, Path(a.out))
+
+
+def _train_discovery(a):
+    from classlab.protocols.discovery import run_discovery
+
+    run_discovery(a.method, Path(a.data), Path(a.split), a.backbone, a.seed, Path(a.ckpt_dir), Path(a.eval_dir),
+                  overrides=json.loads(a.overrides), init=Path(a.init) if a.init else None,
+                  backbone_kwargs=json.loads(a.backbone_kwargs), threads=a.threads, device=a.device,
+                  progress=not a.no_progress)
+
+
+def _evaluate_discovery(a):
+    from classlab.io import write_json
+    from classlab.report.discovery import discovery_metrics
+
+    write_json(a.out, discovery_metrics(a.predictions, a.split, a.history))
+
+
+def _aggregate_discovery(a):
+    from classlab.io import write_text
+    from classlab.report.claims import load_claims
+    from classlab.report.discovery import discovery_claims, write_discovery_tables
+
+    claims = load_claims(a.claims_dir)  # first: a malformed claims file fails before any table is written
+    runs = write_discovery_tables(a.metrics, Path(a.runs_csv), Path(a.summary_csv), Path(a.summary_md))
+    write_text(a.claims_csv, discovery_claims(runs, claims).to_csv(index=False))
+
+
+def _figures_discovery(a):
+    from classlab.report import discovery
+
+    out = Path(a.out_dir)
+    discovery.accuracy_bars(a.metrics, out / "discovery_accuracy.png")
+    discovery.projections(a.predictions, out / "discovery_projection.png")
+    discovery.confusions(a.predictions, out / "discovery_confusion.png")
+    discovery.stage_curves(a.metrics, out / "discovery_stages.png")
+    discovery.query_curves(a.metrics, out / "discovery_queries.png")
 
 
 def _train_incremental(a):
@@ -242,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--classes-from-scenario", default=None,
                    help="scenario JSON: train on its first task's samples only (labels of later tasks unseen)")
+    p.add_argument("--classes-from-split", default=None,
+                   help="discovery split JSON: train on its labelled known-class samples only (novel labels unseen)")
     p.add_argument("--pretrained-weights", action="store_true")
     p.add_argument("--teacher", default=None, help="model.pt of a teacher on the same dataset and classes (distillation)")
     _add_execution_options(p)
@@ -331,6 +392,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=_figures_incremental)
 
+    p = sub.add_parser("build-discovery-split", help="write a discovery split (known/novel classes, labelled set) as JSON")
+    p.add_argument("--data", required=True)
+    p.add_argument("--params", required=True, help="JSON: kind and the split builder's parameters")
+    p.add_argument("--seed", type=int, required=True, help="class-order and labelled-subset seed")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_build_discovery_split)
+
+    p = sub.add_parser("train-discovery", help="run a discovery method through a split")
+    _add_run_options(p, init_help="model.pt whose backbone starts the run (simclr or supervised on known classes)")
+    p.add_argument("--split", required=True)
+    p.set_defaults(func=_train_discovery)
+
+    p = sub.add_parser("evaluate-discovery", help="clustering metrics.json (All/Old/New, v1, balanced, NMI, ARI)")
+    p.add_argument("--predictions", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--history", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_evaluate_discovery)
+
+    p = sub.add_parser("aggregate-discovery", help="tables and claims of the discovery family")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--runs-csv", required=True)
+    p.add_argument("--summary-csv", required=True)
+    p.add_argument("--summary-md", required=True)
+    p.add_argument("--claims-csv", required=True)
+    p.add_argument("--claims-dir", default=None, help="directory of <family>.yaml claims (default: config/claims)")
+    p.set_defaults(func=_aggregate_discovery)
+
+    p = sub.add_parser("figures-discovery", help="accuracy bars, 2-D projections, confusions, stage and query curves")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--predictions", nargs="+", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=_figures_discovery)
+
     p = sub.add_parser("validate-config", help="check config files against the schema and registry")
     p.add_argument("configfile", nargs="+")
     p.set_defaults(func=_validate)
@@ -339,12 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     from classlab.config import ConfigError
     from classlab.data.download import ChecksumError
+    from classlab.data.discovery_split import SplitError
     from classlab.data.scenarios import ScenarioError
     from classlab.engine.checkpoint import CheckpointError
 
     try:
         args.func(args)
-    except (ConfigError, ChecksumError, CheckpointError, ScenarioError) as exc:
+    except (ConfigError, ChecksumError, CheckpointError, ScenarioError, SplitError) as exc:
         print(f"classlab {args.stage}: error: {exc}", file=sys.stderr)
         return 2
     return 0

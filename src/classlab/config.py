@@ -362,6 +362,8 @@ def validate_config(config: dict) -> dict:
         problems += _check_method("pretrain", name, overrides, f"pretrain.others.{name}")
     if "incremental" in config["families"]:
         problems += _validate_incremental(config)
+    if "discovery" in config["families"]:
+        problems += _validate_discovery(config)
     if "distill" in config["families"]:
         problems += _validate_teacher(config["families"]["distill"]["teacher"])
     for family, spec in config["families"].items():
@@ -485,4 +487,72 @@ def _validate_incremental(config: dict) -> list[str]:
         if "memory_size" in hp and isinstance(hp["memory_size"], int) and hp["memory_size"] < largest:
             problems.append(f"config key families.incremental.overrides.{method}.memory_size: {hp['memory_size']} "
                             f"is below one exemplar per class ({largest} classes)")
+    return problems
+
+
+def _validate_discovery(config: dict) -> list[str]:
+    """Split parameters against the datasets' class counts (a dry build on synthetic labels), method
+    names and split kinds per run, and the pretraining node a split starts from. Fills ``methods``.
+    Imports numpy and the torch-free data modules only."""
+    import numpy as np
+
+    from classlab.data.discovery_split import SplitError, build_discovery_split
+    from classlab.data.registry import get_dataset
+
+    problems = []
+    spec = config["families"]["discovery"]
+    for name, split in spec["splits"].items():
+        split.setdefault("init", "simclr")
+        if split["init"] == "simclr" and "simclr" not in config["pretrain"]["others"]:
+            problems.append(f"config key families.discovery.splits.{name}.init: simclr needs the pretraining node "
+                            f"pretrain.others.simclr (add `simclr: {{}}` there, or use init: supervised_known)")
+        if split["init"] == "supervised_known" and split["kind"] == "latent_shift":
+            problems.append(f"config key families.discovery.splits.{name}.init: a latent_shift split has no labelled "
+                            f"classes to pretrain on; use simclr or scratch")
+        params = {k: v for k, v in split.items() if k not in ("kind", "init", "datasets")}
+        for dataset in split.get("datasets") or config["datasets"]:
+            try:
+                k = get_dataset(dataset).num_classes
+            except KeyError as exc:
+                problems.append(f"config key families.discovery.splits.{name}.datasets: {exc}")
+                continue
+            per = int(params.get("samples_per_class", 0) or 0) or 200  # the cut, or a structural stand-in
+            labels = np.repeat(np.arange(k), per)
+            try:
+                build_discovery_split(split["kind"], dataset, labels, k, 0, test_labels=labels, **params)
+            except (SplitError, TypeError, ImportError) as exc:
+                problems.append(f"config key families.discovery.splits.{name} on {dataset}: {exc}")
+    known = list_methods("discovery")
+    methods: list[str] = []
+    for name, run_methods in spec["runs"].items():
+        if name not in spec["splits"]:
+            problems.append(f"config key families.discovery.runs.{name}: no such split; allowed values: "
+                            f"{sorted(spec['splits'])}")
+            continue
+        kind = spec["splits"][name]["kind"]
+        for i, method in enumerate(run_methods):
+            key = f"families.discovery.runs.{name}[{i}]"
+            if method not in known:
+                problems.append(f"config key {key}: {method!r} is not a method of family 'discovery'; "
+                                f"allowed values: {known}")
+                continue
+            try:
+                kinds = method_scenario_kinds("discovery", method)
+            except ConfigError as exc:
+                problems.append(f"config key {key}: {exc}")
+                continue
+            if kinds is None:
+                problems.append(f"config key {key}: {_rel(method_config_path('discovery', method))} declares no "
+                                f"scenario_kinds; allowed values: {list(DISCOVERY_KINDS)}")
+            elif kind not in kinds:
+                problems.append(f"config key {key}: {method} runs on {list(kinds)} (scenario_kinds in "
+                                f"{_rel(method_config_path('discovery', method))}), not on the {kind!r} split {name!r}")
+            if method not in methods:
+                methods.append(method)
+    for name in spec.get("backbones", {}):
+        if name not in spec["splits"]:
+            problems.append(f"config key families.discovery.backbones.{name}: no such split")
+    spec["methods"] = methods
+    spec.setdefault("overrides", {})
+    spec.setdefault("backbones", {})
     return problems

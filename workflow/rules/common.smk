@@ -26,8 +26,13 @@ def _alternatives(values):
     return "|".join(sorted(str(v) for v in values))
 
 
+DISCOVERY = FAMILIES.get("discovery", {})
+# datasets a discovery split names for itself (tabular NCD on digits, mnist1d) join the data rules
+ALL_DATASETS = sorted(set(DATASETS) | {d for s in DISCOVERY.get("splits", {}).values() for d in s.get("datasets", [])})
+
+
 wildcard_constraints:
-    dataset=_alternatives(DATASETS),
+    dataset=_alternatives(ALL_DATASETS),
     seed=_alternatives(SEEDS),
     backbone=_alternatives(["convnet", "resnet18", "vit_tiny", "deep_mlp"]),
     pretrain=_alternatives([PRETRAIN] + list(config["pretrain"]["others"])),
@@ -76,6 +81,9 @@ def all_targets():
     if "incremental" in FAMILIES:
         targets += ["results/tables/incremental/summary.md", "results/tables/incremental/summary.csv"]
         targets += incremental_figure_targets()
+    if "discovery" in FAMILIES:
+        targets += ["results/tables/discovery/summary.md", "results/tables/discovery/summary.csv"]
+        targets += expand("results/figures/discovery/{name}.png", name=DISCOVERY_FIGURES)
     for family in CLASSIFIER_FAMILIES:
         targets += [f"results/tables/{family}/summary.md", f"results/tables/{family}/summary.csv"]
         for backbone in sorted({b for m in family_methods(family) for b in classifier_backbones(family, m)}):
@@ -320,3 +328,87 @@ def incremental_figure_targets():
 
 def incremental_figure_inputs(wildcards):
     return incremental_metrics(wildcards.dataset, wildcards.backbone, wildcards.scenario)
+
+
+# --- family `discovery` --------------------------------------------------------------------
+
+DISCOVERY_SPLITS = DISCOVERY.get("splits", {})
+DISCOVERY_RUNS = DISCOVERY.get("runs", {})
+DISCOVERY_FIGURES = ["discovery_accuracy", "discovery_projection", "discovery_confusion", "discovery_stages",
+                     "discovery_queries"]
+
+
+def split_datasets(split):
+    return DISCOVERY_SPLITS[split].get("datasets") or DATASETS
+
+
+def split_backbones(split, method):
+    """The split's backbones (default the config's), or the one a method pins (`backbone: deep_mlp`)."""
+    named = resolve_hparams("discovery", method, DISCOVERY.get("overrides", {}).get(method)).get("backbone")
+    return [named] if named else DISCOVERY.get("backbones", {}).get(split, BACKBONES)
+
+
+def split_params_json(wildcards):
+    params = dict(DISCOVERY_SPLITS[wildcards.split])
+    params["name"] = wildcards.split
+    return json.dumps(params, sort_keys=True)
+
+
+def discovery_overrides(wildcards):
+    return method_overrides("discovery", wildcards.disc_method)
+
+
+def discovery_training_params(wildcards):
+    # no file paths in here: Snakemake ignores a param that names an input file when it compares params
+    return json.dumps([discovery_overrides(wildcards), backbone_kwargs_json(wildcards),
+                       DISCOVERY_SPLITS[wildcards.split]["init"]])
+
+
+def discovery_inputs(wildcards):
+    """The split, the data and the backbone a run starts from: the simclr node (no labels), a
+    supervised model of the split's labelled known classes, or none (scratch)."""
+    inputs = {
+        "split": f"results/splits/discovery/{wildcards.dataset}/{wildcards.split}/seed{wildcards.seed}.json",
+        "manifest": ancient(f"data/prepared/{wildcards.dataset}/manifest.json"),
+        "hparams": f"config/methods/discovery/{wildcards.disc_method}.yaml",
+    }
+    init = DISCOVERY_SPLITS[wildcards.split]["init"]
+    if init == "simclr":
+        inputs["init"] = ancient(
+            f"results/checkpoints/pretrain/{wildcards.dataset}/{wildcards.backbone}/simclr/seed{wildcards.seed}/model.pt"
+        )
+    elif init == "supervised_known":
+        inputs["init"] = ancient(
+            f"results/checkpoints/pretrain_known/{wildcards.dataset}/{wildcards.backbone}/{wildcards.split}/"
+            f"seed{wildcards.seed}/model.pt"
+        )
+    return inputs
+
+
+def discovery_init_option(wildcards, input):
+    return f"--init {input.init}" if "init" in input.keys() else ""
+
+
+def discovery_runs(kind):
+    pattern = {
+        "metrics.json": "results/eval/discovery/{dataset}/{backbone}/{split}/{method}/seed{seed}/metrics.json",
+        "predictions.npz": "results/eval/discovery/{dataset}/{backbone}/{split}/{method}/seed{seed}/predictions.npz",
+    }[kind]
+    out = []
+    for split, methods in DISCOVERY_RUNS.items():
+        for method in methods:
+            out += expand(
+                pattern,
+                dataset=split_datasets(split),
+                backbone=split_backbones(split, method),
+                split=[split],
+                method=[method],
+                seed=SEEDS,
+            )
+    return out
+
+
+def discovery_figure_predictions(wildcards):
+    """The first seed of every run group: the projections and confusions show one seed each."""
+    first = f"seed{SEEDS[0]}/"
+    return [p for p in discovery_runs("predictions.npz") if first in p]

@@ -53,7 +53,8 @@ class DiscoveryTask:
     new_clusters: int = 0         # continual discovery: how many classes this stage brings
     kind: str = "gcd"
     # the dataset class of each label index (known classes first; not secret: they are the labelled
-    # ones), for methods that read a model whose head is indexed by dataset class (a supervised init)
+    # ones; -1 at an index no class holds), for methods that read a model whose head is indexed by
+    # dataset class (a supervised init)
     label_classes: list[int] = field(default_factory=list)
 
 

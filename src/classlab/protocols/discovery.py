@@ -185,7 +185,10 @@ class DiscoveryRun(ProtocolRun):
         for r in range(1, t + 1):
             if f"label_map_round{r}" in self.outputs:
                 index_of.update({int(a): int(b) for a, b in self.outputs[f"label_map_round{r}"]})
-        return [c for c, _ in sorted(index_of.items(), key=lambda kv: kv[1])]
+        out = [-1] * (max(index_of.values()) + 1 if index_of else 0)  # -1: an index no class holds (yet)
+        for c, k in index_of.items():
+            out[k] = c
+        return out
 
     def _query(self, t: int) -> None:
         """Active discovery: the learner picks this round's samples; the oracle reveals their classes."""
@@ -201,7 +204,13 @@ class DiscoveryRun(ProtocolRun):
         for r in range(1, t):
             index_of.update({int(a): int(b) for a, b in self.outputs[f"label_map_round{r}"]})
         revealed = sorted(set(int(c) for c in self.train_y[queried]) - set(index_of))
-        mapping = self.learner.map_revealed(revealed, len(index_of), context, queried, self.train_y[queried])
+        # the first free index after every one in use (a learner's mapping may leave gaps)
+        first_free = max(index_of.values()) + 1 if index_of else 0
+        mapping = self.learner.map_revealed(revealed, first_free, context, queried, self.train_y[queried])
+        taken = set(index_of.values())
+        if set(mapping) != set(revealed) or len(set(mapping.values())) != len(mapping) or taken & set(mapping.values()):
+            raise SplitError(f"{self.method}: map_revealed must give each revealed class {revealed} its own head "
+                             f"index not already in use ({sorted(taken)}); got {mapping}")
         self.outputs[f"queries_round{t}"] = queried.numpy().astype(np.int64)
         self.outputs[f"label_map_round{t}"] = np.array(sorted(mapping.items()), dtype=np.int64).reshape(-1, 2)
         self.eval_dir.mkdir(parents=True, exist_ok=True)

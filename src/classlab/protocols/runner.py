@@ -76,6 +76,8 @@ def describe_init(init_meta: dict, all_classes_expected: bool = False) -> str:
     elsewhere that means later tasks' labels were seen, and the report says so."""
     if not init_meta:
         return "scratch"
+    if init_meta.get("head_trained") is False:  # a self-supervised pretraining (SimCLR): no label at all
+        return f"{init_meta.get('family', '')}/{init_meta.get('method', '')} self-supervised pretraining (no labels)"
     classes = json.loads(init_meta.get("hparams", "{}")).get("classes") or []
     seen = f"classes {sorted(classes)} only" if classes else \
         "all classes" if all_classes_expected else "ALL classes (later tasks' labels seen)"
