@@ -206,23 +206,6 @@ def ncd_setup(digits_prepared, tmp_path_factory):
     return split, manifest, work / "init" / "model.pt"
 
 
-@pytest.fixture
-def init_handed_to_learner(monkeypatch):
-    """Stands in for the protocol handing the init Classifier to the learner (``DiscoveryRun.setup``
-    calling ``learner.set_init_model(source, meta)``); does nothing where the protocol already did."""
-    from classlab.protocols.discovery import DiscoveryRun
-    from classlab.train import load_model
-
-    original = DiscoveryRun.setup
-
-    def setup(self):
-        original(self)
-        if self.init is not None and hasattr(self.learner, "set_init_model") and not self.learner.init_meta:
-            self.learner.set_init_model(*load_model(self.init))
-
-    monkeypatch.setattr(DiscoveryRun, "setup", setup)
-
-
 def check_ncd_predictions(out: dict, manifest: dict) -> None:
     z = out["predictions"]
     novel = len(manifest["novel_classes"])
@@ -233,14 +216,14 @@ def check_ncd_predictions(out: dict, manifest: dict) -> None:
     assert z["pred_test_task0"].max() < novel
 
 
-def test_uno_tiny_run_on_an_ncd_split(digits_prepared, ncd_setup, init_handed_to_learner, tmp_path):
+def test_uno_tiny_run_on_an_ncd_split(digits_prepared, ncd_setup, tmp_path):
     split, manifest, init = ncd_setup
     out = tiny_run("uno", digits_prepared, split, tmp_path, init=init, overrides={"num_heads": 2})
     check_ncd_predictions(out, manifest)
     assert out["meta"]["init_kind"].startswith("pretrain/supervised")
 
 
-def test_crkd_tiny_run_distills_the_teacher_relation(digits_prepared, ncd_setup, init_handed_to_learner, tmp_path):
+def test_crkd_tiny_run_distills_the_teacher_relation(digits_prepared, ncd_setup, tmp_path):
     from classlab.methods.discovery.crkd import CRKD
 
     split, manifest, init = ncd_setup

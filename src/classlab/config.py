@@ -555,4 +555,7 @@ def _validate_discovery(config: dict) -> list[str]:
     spec["methods"] = methods
     spec.setdefault("overrides", {})
     spec.setdefault("backbones", {})
+    spec.setdefault("pretrain_known", {})
+    problems += _check_method("pretrain", "supervised", {**config["pretrain"]["overrides"], **spec["pretrain_known"]},
+                              "families.discovery.pretrain_known")
     return problems

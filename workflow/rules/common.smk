@@ -348,6 +348,13 @@ def split_backbones(split, method):
     return [named] if named else DISCOVERY.get("backbones", {}).get(split, BACKBONES)
 
 
+def pretrain_known_overrides_json(wildcards):
+    overrides = dict(config["pretrain"]["overrides"])
+    overrides.update(config["pretrain"]["backbone_overrides"].get(wildcards.backbone, {}))
+    overrides.update(DISCOVERY.get("pretrain_known", {}))
+    return json.dumps(overrides, sort_keys=True)
+
+
 def split_params_json(wildcards):
     params = dict(DISCOVERY_SPLITS[wildcards.split])
     params["name"] = wildcards.split

@@ -35,7 +35,7 @@ rule pretrain_known:
         model="results/checkpoints/pretrain_known/{dataset}/{backbone}/{split}/seed{seed}/model.pt",
         history="results/checkpoints/pretrain_known/{dataset}/{backbone}/{split}/seed{seed}/history.json",
     params:
-        overrides=pretrain_overrides_json,
+        overrides=pretrain_known_overrides_json,
         backbone_kwargs=backbone_kwargs_json,
     log:
         "logs/pretrain_known/{dataset}/{backbone}/{split}/seed{seed}.log",

@@ -91,6 +91,10 @@ class DiscoveryLearner(Method):
         self.register_buffer("estimated_k", torch.tensor(-1, dtype=torch.long))  # -1: not estimated
 
     # --- template hooks -----------------------------------------------------------------
+    def set_init_model(self, source: nn.Module, meta: dict) -> None:
+        """The model the run started from (a Classifier: backbone and head), and its metadata; the
+        protocol has already copied its backbone into ``self.model``. Default: nothing more."""
+
     def task_phases(self, task_id: int) -> list[str]:
         return ["train"] if self.trains else []
 

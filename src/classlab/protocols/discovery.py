@@ -92,6 +92,10 @@ class DiscoveryRun(ProtocolRun):
             model.backbone.load_state_dict(source.backbone.state_dict())
         self.learner = self.learner_cls(model, self.hparams, num_clusters).to(self.device)
         self.learner.scenario_kind = self.kind
+        if self.init is not None:
+            # the whole init model (its head too): NCD methods start their known head from it, CRKD's
+            # teacher is it; rebuilt from the file on every start (its digest is in the fingerprint)
+            self.learner.set_init_model(source, self.init_meta)
         self.train_y = self.data.train.y
         self.labelled = torch.tensor(self.split["labelled"], dtype=torch.long)
         self.domain_of = torch.full((len(self.train_y),), -1, dtype=torch.long)
