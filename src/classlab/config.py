@@ -516,7 +516,9 @@ def _validate_discovery(config: dict) -> list[str]:
             except KeyError as exc:
                 problems.append(f"config key families.discovery.splits.{name}.datasets: {exc}")
                 continue
-            per = int(params.get("samples_per_class", 0) or 0) or 200  # the cut, or a structural stand-in
+            # the cut, or a structural stand-in (latent_shift draws whole domains from the class pools: a
+            # generous stand-in, the real counts are checked when the split is built on the data)
+            per = int(params.get("samples_per_class", 0) or 0) or (7000 if split["kind"] == "latent_shift" else 200)
             labels = np.repeat(np.arange(k), per)
             try:
                 build_discovery_split(split["kind"], dataset, labels, k, 0, test_labels=labels, **params)

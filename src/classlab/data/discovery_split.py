@@ -129,6 +129,14 @@ def build_discovery_split(kind: str, dataset: str, train_labels: np.ndarray, num
     if kind in EXTERNAL_KINDS:
         import importlib
 
+        given = {"num_novel": num_novel, "labelled_fraction": labelled_fraction, "samples_per_class": samples_per_class,
+                 "test_samples_per_class": test_samples_per_class, "stages": stages, "old_fraction": old_fraction,
+                 "budget": budget, "rounds": rounds, "novel_first_fraction": novel_first_fraction}
+        defaults = {"novel_first_fraction": 0.8, "num_novel": None, "labelled_fraction": 0.5, "samples_per_class": 0, "test_samples_per_class": 0,
+                    "stages": 2, "old_fraction": 0.5, "budget": 0, "rounds": 0}
+        for key, value in given.items():
+            _check(value == defaults[key], key, f"does not apply to kind {kind!r}")
+
         return importlib.import_module(EXTERNAL_KINDS[kind]).build_split(
             dataset, train_labels, num_classes, seed, test_labels=test_labels, **extra)
     _check(not extra, next(iter(extra), "params"), f"does not apply to kind {kind!r}")

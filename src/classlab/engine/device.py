@@ -49,3 +49,8 @@ def set_threads(threads: int | None) -> None:
     threads = threads or int(os.environ.get("CLASSLAB_THREADS", "0") or 0)
     if threads > 0:
         torch.set_num_threads(threads)
+        # scikit-learn's k-means and the BLAS under numpy keep their own pools: the same limit, or a
+        # job given 2 cores runs one thread per core of the machine beside torch's
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(threads)

@@ -109,10 +109,12 @@ class DeepMLP(nn.Module):
         return self.forward_features(x)
 
 
-def _deep_mlp(in_chans: int, pretrained: bool, img_size: int = 28, **kw) -> nn.Module:
+def _deep_mlp(in_chans: int, pretrained: bool, img_size: int | tuple[int, int] = 28, **kw) -> nn.Module:
     if pretrained:
         raise ValueError("deep_mlp has no published weights; set pretrained: false")
-    return DeepMLP(in_chans * img_size * img_size, **kw)
+    # a square image, or (H, W): tabular rows are stored as (1, 1, features)
+    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    return DeepMLP(in_chans * h * w, **kw)
 
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {

@@ -82,8 +82,10 @@ class DiscoveryRun(ProtocolRun):
         self.known = list(self.split["known_classes"])
         self.novel = list(self.split["novel_classes"])
         num_clusters = int(self.hparams.get("num_clusters") or len(self.known) + len(self.novel))
+        _, h, w = (int(v) for v in self.manifest["shape"])
         model = build_classifier(self.backbone, int(self.manifest["shape"][0]), num_clusters,
-                                 img_size=int(self.manifest["shape"][1]), backbone_kwargs=self.backbone_kwargs)
+                                 img_size=h if h == w else (h, w),  # tabular rows (1, 1, features): deep_mlp only
+                                 backbone_kwargs=self.backbone_kwargs)
         if self.init is not None:
             from classlab.train import load_model
 
@@ -275,9 +277,9 @@ class DiscoveryRun(ProtocolRun):
         self.outputs[f"pred_unlabelled_task{t}"] = self._assign(self.data.train.x[pool],
                                                                  self.domain_of[pool] if shift else None)
         self.outputs[f"labels_unlabelled_task{t}"] = self.train_y[pool].numpy().astype(np.int64)
-        if shift:  # test samples carry the domain they were drawn for
+        if shift:  # test samples carry the domain they were drawn for (none: no test evaluation)
             test_dom = torch.tensor(self.split["test_domains"], dtype=torch.long)
-            test = self.test_idx
+            test = torch.tensor(self.split["test"], dtype=torch.long)
             self.outputs[f"pred_test_task{t}"] = self._assign(self.data.test.x[test], test_dom)
         else:
             self.outputs[f"pred_test_task{t}"] = self._assign(self.data.test.x[test])

@@ -116,7 +116,10 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     out = grouped[cols].agg(["mean", "std"])
     out.columns = [f"{m}_{s}" for m, s in out.columns]
     out["seeds"] = grouped.size()
-    out["backbone_init"] = grouped["init_kind"].agg(lambda v: "; ".join(sorted(set(v))))
+    # which labels the starting backbone saw (each seed has its own known classes: name the kind)
+    out["backbone_init"] = grouped["init_kind"].agg(
+        lambda v: v.iloc[0].split(" on ")[0] + " on the known classes only" if all(" only" in x for x in v)
+        else "; ".join(sorted(set(v))))
     return out.reset_index()
 
 
