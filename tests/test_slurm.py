@@ -35,8 +35,10 @@ def test_smoke_run_on_slurm(cluster, tmp_path, monkeypatch):
     # training and evaluation went through sbatch; downloads, tables and plots stayed local
     remote = {line[len("rule "):].rstrip(":") for line in log.splitlines() if line.startswith("rule ")}
     local = {line[len("localrule "):].rstrip(":") for line in log.splitlines() if line.startswith("localrule ")}
-    assert {"pretrain_backbone", "train_classifier", "evaluate_classifier"} <= remote, remote
-    assert {"download_dataset", "aggregate_classifiers", "plot_classifiers"} <= local, local
+    assert {"pretrain_backbone", "train_classifier", "evaluate_classifier", "pretrain_known",
+            "train_discovery"} <= remote, remote
+    assert {"download_dataset", "aggregate_classifiers", "plot_classifiers", "build_discovery_split",
+            "aggregate_discovery", "plot_discovery"} <= local, local
     assert log.count("has been submitted with SLURM jobid") == len(
         [l for l in log.splitlines() if l.startswith("rule ")])
     summary = pd.read_csv(work / "results/tables/supervised/summary.csv")
