@@ -184,6 +184,7 @@ def test_smoke_run_discovery_tables_figures_claims_and_inits(smoke_run):
         hist = json.loads((smoke_run / f"results/checkpoints/pretrain_known/digits/convnet/ncd/seed{seed}/"
                            f"history.json").read_text())
         assert sorted(json.loads(hist["meta"]["hparams"])["classes"]) == split["known_classes"]
+        assert split["params"]["init"] == "supervised_known"  # the manifest records the pretraining
     claims = pd.read_csv(smoke_run / "results/tables/discovery/claims.csv")
     assert "SimGCD beats k-means on New accuracy" in set(claims.claim)
     for name in ("discovery_accuracy", "discovery_projection", "discovery_confusion", "discovery_stages",

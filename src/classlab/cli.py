@@ -118,12 +118,14 @@ def _build_discovery_split(a):
     data = load_prepared(Path(a.data))
     params = json.loads(a.params)
     kind = params.pop("kind")
-    params.pop("init", None)
+    init = params.pop("init", None)
     params.pop("datasets", None)
     name = params.pop("name", kind)
     manifest = build_discovery_split(kind, data.manifest["dataset"], data.train.y.numpy(), data.num_classes, a.seed,
                                      test_labels=data.test.y.numpy(), **params)
     manifest["params"]["name"] = name
+    if init:  # which pretraining the split's runs start from (simclr: no labels; supervised_known: known only)
+        manifest["params"]["init"] = init
     write_discovery_split(manifest, Path(a.out))
 
 
