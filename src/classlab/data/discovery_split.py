@@ -56,34 +56,34 @@ EXTERNAL_KINDS = {"latent_shift": "classlab.data.latent_shift"}
 _TRAIN_SUBSET, _LABELLED, _TEST_SUBSET, _STAGE_SHARE = 1, 2, 3, 4
 
 
-def _fail(field_name: str, message: str) -> None:
+def fail_field(field_name: str, message: str) -> None:
     raise SplitError(f"discovery.{field_name}: {message}")
 
 
-def _check(cond: bool, field_name: str, message: str) -> None:
+def check_field(cond: bool, field_name: str, message: str) -> None:
     if not cond:
-        _fail(field_name, message)
+        fail_field(field_name, message)
 
 
-def _as_int(value, field_name: str) -> int:
+def as_int(value, field_name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        _fail(field_name, f"must be an integer, got {value!r}")
+        fail_field(field_name, f"must be an integer, got {value!r}")
     return int(value)
 
 
-def _as_float(value, field_name: str) -> float:
+def as_float(value, field_name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        _fail(field_name, f"must be a finite number, got {value!r}")
+        fail_field(field_name, f"must be a finite number, got {value!r}")
     return float(value)
 
 
-def _as_labels(labels, field_name: str, num_classes: int) -> np.ndarray:
+def as_labels(labels, field_name: str, num_classes: int) -> np.ndarray:
     arr = np.asarray(labels)
-    _check(arr.ndim == 1, field_name, f"must be a 1-D array of class ids, got shape {arr.shape}")
+    check_field(arr.ndim == 1, field_name, f"must be a 1-D array of class ids, got shape {arr.shape}")
     if arr.size == 0:
         return arr.astype(np.int64)
-    _check(np.issubdtype(arr.dtype, np.integer), field_name, f"must hold integer class ids, got dtype {arr.dtype}")
-    _check(int(arr.min()) >= 0 and int(arr.max()) < num_classes, field_name,
+    check_field(np.issubdtype(arr.dtype, np.integer), field_name, f"must hold integer class ids, got dtype {arr.dtype}")
+    check_field(int(arr.min()) >= 0 and int(arr.max()) < num_classes, field_name,
            f"class ids must lie in [0, {num_classes}), got [{int(arr.min())}, {int(arr.max())}]")
     return arr.astype(np.int64)
 
@@ -124,7 +124,7 @@ def build_discovery_split(kind: str, dataset: str, train_labels: np.ndarray, num
     cut) gets ``round(labelled_fraction * n_c)`` labelled samples (Python's ``round``: halves go
     to the even number). Raises ``SplitError`` naming the field for any input that does not fit.
     """
-    _check(kind in SPLIT_KINDS or kind in EXTERNAL_KINDS, "kind",
+    check_field(kind in SPLIT_KINDS or kind in EXTERNAL_KINDS, "kind",
            f"{kind!r} is not one of {', '.join(SPLIT_KINDS + tuple(EXTERNAL_KINDS))}")
     if kind in EXTERNAL_KINDS:
         import importlib
@@ -135,51 +135,51 @@ def build_discovery_split(kind: str, dataset: str, train_labels: np.ndarray, num
         defaults = {"novel_first_fraction": 0.8, "num_novel": None, "labelled_fraction": 0.5, "samples_per_class": 0, "test_samples_per_class": 0,
                     "stages": 2, "old_fraction": 0.5, "budget": 0, "rounds": 0}
         for key, value in given.items():
-            _check(value == defaults[key], key, f"does not apply to kind {kind!r}")
+            check_field(value == defaults[key], key, f"does not apply to kind {kind!r}")
 
         return importlib.import_module(EXTERNAL_KINDS[kind]).build_split(
             dataset, train_labels, num_classes, seed, test_labels=test_labels, **extra)
-    _check(not extra, next(iter(extra), "params"), f"does not apply to kind {kind!r}")
-    _check(isinstance(dataset, str) and dataset != "", "dataset", f"must be a non-empty name, got {dataset!r}")
-    num_classes = _as_int(num_classes, "num_classes")
-    _check(num_classes >= 2, "num_classes", f"discovery needs at least 2 classes, got {num_classes}")
-    seed = _as_int(seed, "seed")
-    _check(seed >= 0, "seed", f"must be >= 0, got {seed}")
-    train = _as_labels(train_labels, "train_labels", num_classes)
-    test = None if test_labels is None else _as_labels(test_labels, "test_labels", num_classes)
+    check_field(not extra, next(iter(extra), "params"), f"does not apply to kind {kind!r}")
+    check_field(isinstance(dataset, str) and dataset != "", "dataset", f"must be a non-empty name, got {dataset!r}")
+    num_classes = as_int(num_classes, "num_classes")
+    check_field(num_classes >= 2, "num_classes", f"discovery needs at least 2 classes, got {num_classes}")
+    seed = as_int(seed, "seed")
+    check_field(seed >= 0, "seed", f"must be >= 0, got {seed}")
+    train = as_labels(train_labels, "train_labels", num_classes)
+    test = None if test_labels is None else as_labels(test_labels, "test_labels", num_classes)
 
-    num_novel = num_classes // 2 if num_novel is None else _as_int(num_novel, "num_novel")
-    _check(num_novel >= 1, "num_novel", f"needs at least 1 novel class, got {num_novel}")
-    _check(num_novel <= num_classes - 1, "num_novel",
+    num_novel = num_classes // 2 if num_novel is None else as_int(num_novel, "num_novel")
+    check_field(num_novel >= 1, "num_novel", f"needs at least 1 novel class, got {num_novel}")
+    check_field(num_novel <= num_classes - 1, "num_novel",
            f"{num_novel} novel classes requested but {dataset} has {num_classes} classes "
            f"(at most {num_classes - 1} can be novel: one class must stay known)")
-    labelled_fraction = _as_float(labelled_fraction, "labelled_fraction")
-    _check(0.0 < labelled_fraction <= 1.0, "labelled_fraction", f"must lie in (0, 1], got {labelled_fraction}")
-    samples_per_class = _as_int(samples_per_class, "samples_per_class")
-    _check(samples_per_class >= 0, "samples_per_class", f"must be >= 0 (0: all samples), got {samples_per_class}")
-    test_samples_per_class = _as_int(test_samples_per_class, "test_samples_per_class")
-    _check(test_samples_per_class >= 0, "test_samples_per_class",
+    labelled_fraction = as_float(labelled_fraction, "labelled_fraction")
+    check_field(0.0 < labelled_fraction <= 1.0, "labelled_fraction", f"must lie in (0, 1], got {labelled_fraction}")
+    samples_per_class = as_int(samples_per_class, "samples_per_class")
+    check_field(samples_per_class >= 0, "samples_per_class", f"must be >= 0 (0: all samples), got {samples_per_class}")
+    test_samples_per_class = as_int(test_samples_per_class, "test_samples_per_class")
+    check_field(test_samples_per_class >= 0, "test_samples_per_class",
            f"must be >= 0 (0: all samples), got {test_samples_per_class}")
 
     params = {"num_novel": num_novel, "labelled_fraction": labelled_fraction,
               "samples_per_class": samples_per_class, "test_samples_per_class": test_samples_per_class}
     if kind == "continual":
-        stages = _as_int(stages, "stages")
-        old_fraction = _as_float(old_fraction, "old_fraction")
-        _check(stages >= 1, "stages", f"needs at least 1 unlabelled stage, got {stages}")
-        _check(stages <= num_novel, "stages",
+        stages = as_int(stages, "stages")
+        old_fraction = as_float(old_fraction, "old_fraction")
+        check_field(stages >= 1, "stages", f"needs at least 1 unlabelled stage, got {stages}")
+        check_field(stages <= num_novel, "stages",
                f"{stages} stages but only {num_novel} novel classes: every stage must bring a new class")
-        _check(0.0 <= old_fraction <= 1.0, "old_fraction", f"must lie in [0, 1], got {old_fraction}")
-        novel_first_fraction = _as_float(novel_first_fraction, "novel_first_fraction")
-        _check(0.0 < novel_first_fraction <= 1.0, "novel_first_fraction",
+        check_field(0.0 <= old_fraction <= 1.0, "old_fraction", f"must lie in [0, 1], got {old_fraction}")
+        novel_first_fraction = as_float(novel_first_fraction, "novel_first_fraction")
+        check_field(0.0 < novel_first_fraction <= 1.0, "novel_first_fraction",
                f"must lie in (0, 1], got {novel_first_fraction}")
         params.update(stages=stages, old_fraction=old_fraction, novel_first_fraction=novel_first_fraction)
     if kind == "active":
-        budget = _as_int(budget, "budget")
-        rounds = _as_int(rounds, "rounds")
-        _check(budget >= 1, "budget", f"must be at least 1 label, got {budget}")
-        _check(rounds >= 1, "rounds", f"must be at least 1 round, got {rounds}")
-        _check(budget >= rounds, "budget", f"{budget} labels cannot fill {rounds} rounds (at least one label per round)")
+        budget = as_int(budget, "budget")
+        rounds = as_int(rounds, "rounds")
+        check_field(budget >= 1, "budget", f"must be at least 1 label, got {budget}")
+        check_field(rounds >= 1, "rounds", f"must be at least 1 round, got {rounds}")
+        check_field(budget >= rounds, "budget", f"{budget} labels cannot fill {rounds} rounds (at least one label per round)")
         params.update(budget=budget, rounds=rounds)
 
     class_order = np.random.default_rng(seed).permutation(num_classes).tolist()
@@ -192,7 +192,7 @@ def build_discovery_split(kind: str, dataset: str, train_labels: np.ndarray, num
     for c in known:
         idx = per_class[c]
         n_labelled = round(labelled_fraction * len(idx))
-        _check(n_labelled >= 1, "labelled_fraction",
+        check_field(n_labelled >= 1, "labelled_fraction",
                f"known class {c} has {len(idx)} training samples, so a fraction of {labelled_fraction} "
                f"labels none of them; raise the fraction (or samples_per_class)")
         drawn = _rng(seed, _LABELLED, c).permutation(idx)
@@ -213,11 +213,11 @@ def build_discovery_split(kind: str, dataset: str, train_labels: np.ndarray, num
                                                stages, old_fraction, novel_first_fraction, seed)
         manifest["unlabelled"] = sorted(i for stage in manifest["stages"] for i in stage["unlabelled"])
 
-    _check(len(manifest["unlabelled"]) > 0, "unlabelled",
+    check_field(len(manifest["unlabelled"]) > 0, "unlabelled",
            f"the split leaves no unlabelled training sample (novel classes {novel} have none in {dataset})")
     if kind == "active":
         n_unlabelled = len(manifest["unlabelled"])
-        _check(budget <= n_unlabelled, "budget",
+        check_field(budget <= n_unlabelled, "budget",
                f"{budget} labels requested but the unlabelled set holds only {n_unlabelled} samples")
 
     if test is None:
@@ -260,7 +260,7 @@ def _continual_stages(novel_in_order: list[int], known: list[int], per_class: di
         for c in group:
             drawn = _rng(seed, _STAGE_SHARE, c).permutation(per_class[c])
             n_first = round(novel_first_fraction * len(drawn))
-            _check(n_first >= 1 or len(drawn) == 0, "novel_first_fraction",
+            check_field(n_first >= 1 or len(drawn) == 0, "novel_first_fraction",
                    f"novel class {c} has {len(drawn)} training samples, so a fraction of {novel_first_fraction} "
                    f"puts none of them in its first stage; raise the fraction")
             stage_idx.append(drawn[:n_first])
@@ -270,7 +270,7 @@ def _continual_stages(novel_in_order: list[int], known: list[int], per_class: di
             stage_idx.append(pool[c][taken[c]:taken[c] + n])
             taken[c] += n
         unlabelled = _sorted_list(np.concatenate(stage_idx)) if stage_idx else []
-        _check(len(unlabelled) > 0, "stages",
+        check_field(len(unlabelled) > 0, "stages",
                f"stage {s} (new classes {sorted(group)}) has no samples; use fewer stages or more data")
         out.append({"new_classes": sorted(int(c) for c in group), "old_classes": sorted(int(c) for c in seen),
                     "unlabelled": unlabelled})
@@ -289,37 +289,37 @@ def validate_discovery_split(manifest: dict) -> None:
         return
     for key in ("kind", "dataset", "seed", "num_classes", "params", "class_order", "known_classes",
                 "novel_classes", "labelled", "unlabelled", "test"):
-        _check(key in manifest, key, "missing from the manifest")
-    _check(manifest["kind"] in SPLIT_KINDS, "kind", f"{manifest['kind']!r} is not one of {', '.join(SPLIT_KINDS)}")
+        check_field(key in manifest, key, "missing from the manifest")
+    check_field(manifest["kind"] in SPLIT_KINDS, "kind", f"{manifest['kind']!r} is not one of {', '.join(SPLIT_KINDS)}")
     num_classes = manifest["num_classes"]
-    _check(sorted(manifest["class_order"]) == list(range(num_classes)), "class_order",
+    check_field(sorted(manifest["class_order"]) == list(range(num_classes)), "class_order",
            f"must be a permutation of range({num_classes})")
     known, novel = manifest["known_classes"], manifest["novel_classes"]
-    _check(len(known) >= 1, "known_classes", "needs at least 1 known class")
-    _check(len(novel) >= 1, "num_novel", "needs at least 1 novel class")
-    _check(sorted(known + novel) == list(range(num_classes)), "known_classes",
+    check_field(len(known) >= 1, "known_classes", "needs at least 1 known class")
+    check_field(len(novel) >= 1, "num_novel", "needs at least 1 novel class")
+    check_field(sorted(known + novel) == list(range(num_classes)), "known_classes",
            "known and novel classes must partition the classes")
     for key in ("labelled", "unlabelled", "test"):
         values = manifest[key]
-        _check(all(isinstance(i, int) and i >= 0 for i in values), key, "must hold non-negative integer indices")
-        _check(all(a < b for a, b in zip(values, values[1:])), key, "must be sorted without repeats")
-    _check(len(manifest["labelled"]) >= 1, "labelled", "no labelled sample")
+        check_field(all(isinstance(i, int) and i >= 0 for i in values), key, "must hold non-negative integer indices")
+        check_field(all(a < b for a, b in zip(values, values[1:])), key, "must be sorted without repeats")
+    check_field(len(manifest["labelled"]) >= 1, "labelled", "no labelled sample")
     overlap = set(manifest["labelled"]) & set(manifest["unlabelled"])
-    _check(not overlap, "unlabelled", f"{len(overlap)} samples are both labelled and unlabelled")
+    check_field(not overlap, "unlabelled", f"{len(overlap)} samples are both labelled and unlabelled")
     if manifest["kind"] == "continual":
         stages = manifest.get("stages")
-        _check(isinstance(stages, list) and len(stages) >= 1, "stages", "a continual split needs at least 1 stage")
+        check_field(isinstance(stages, list) and len(stages) >= 1, "stages", "a continual split needs at least 1 stage")
         used: set[int] = set()
         for s, stage in enumerate(stages, start=1):
-            _check(len(stage.get("unlabelled", [])) > 0, "stages", f"stage {s} has no samples")
-            _check(not used & set(stage["unlabelled"]), "stages", f"stage {s} repeats samples of an earlier stage")
+            check_field(len(stage.get("unlabelled", [])) > 0, "stages", f"stage {s} has no samples")
+            check_field(not used & set(stage["unlabelled"]), "stages", f"stage {s} repeats samples of an earlier stage")
             used |= set(stage["unlabelled"])
-        _check(sorted(used) == manifest["unlabelled"], "unlabelled", "must be the union of the stages' samples")
+        check_field(sorted(used) == manifest["unlabelled"], "unlabelled", "must be the union of the stages' samples")
     if manifest["kind"] == "active":
         budget = manifest["params"].get("budget", 0)
-        _check(1 <= budget <= len(manifest["unlabelled"]), "budget",
+        check_field(1 <= budget <= len(manifest["unlabelled"]), "budget",
                f"{budget} labels requested but the unlabelled set holds {len(manifest['unlabelled'])} samples")
-        _check(manifest["params"].get("rounds", 0) >= 1, "rounds", "must be at least 1 round")
+        check_field(manifest["params"].get("rounds", 0) >= 1, "rounds", "must be at least 1 round")
 
 
 def write_discovery_split(manifest: dict, path: str | os.PathLike) -> None:

@@ -47,48 +47,15 @@ priors use ``default_rng([seed, 11])``; the permutation of class c's train pool
 """
 from __future__ import annotations
 
-import math
 import numbers
 
 import numpy as np
 
-from classlab.data.discovery_split import SplitError
+from classlab.data.discovery_split import SplitError, as_float, as_int, as_labels, check_field, fail_field
 
 KIND = "latent_shift"
 _PRIORS, _TRAIN_POOL, _TEST_POOL = 11, 12, 13
 MAX_PRIOR_DRAWS = 10000  # Dirichlet redraws allowed to meet max_condition_number
-
-
-def _fail(field_name: str, message: str) -> None:
-    raise SplitError(f"discovery.{field_name}: {message}")
-
-
-def _check(cond: bool, field_name: str, message: str) -> None:
-    if not cond:
-        _fail(field_name, message)
-
-
-def _as_int(value, field_name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        _fail(field_name, f"must be an integer, got {value!r}")
-    return int(value)
-
-
-def _as_float(value, field_name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        _fail(field_name, f"must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _as_labels(labels, field_name: str, num_classes: int) -> np.ndarray:
-    arr = np.asarray(labels)
-    _check(arr.ndim == 1, field_name, f"must be a 1-D array of class ids, got shape {arr.shape}")
-    if arr.size == 0:
-        return arr.astype(np.int64)
-    _check(np.issubdtype(arr.dtype, np.integer), field_name, f"must hold integer class ids, got dtype {arr.dtype}")
-    _check(int(arr.min()) >= 0 and int(arr.max()) < num_classes, field_name,
-           f"class ids must lie in [0, {num_classes}), got [{int(arr.min())}, {int(arr.max())}]")
-    return arr.astype(np.int64)
 
 
 def largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
@@ -116,7 +83,7 @@ def draw_domain_priors(num_domains: int, num_used: int, concentration: float, ma
         cond = float(np.linalg.cond(priors))
         if max_condition_number <= 0 or cond <= max_condition_number:
             return priors, cond
-    _fail("max_condition_number", f"{MAX_PRIOR_DRAWS} Dirichlet draws (concentration {concentration}, "
+    fail_field("max_condition_number", f"{MAX_PRIOR_DRAWS} Dirichlet draws (concentration {concentration}, "
                                   f"{num_domains} domains x {num_used} classes) all had a condition number above "
                                   f"{max_condition_number}; raise it, add domains or change the concentration")
 
@@ -134,7 +101,7 @@ def _fit_per_domain(priors: np.ndarray, pool_sizes: np.ndarray, used: list[int],
         short = np.flatnonzero(need > pool_sizes)
         if len(short):
             j = int(short[0])
-            _fail(field_name, f"{requested} {split} samples per domain need {int(need[j])} samples of class {used[j]} "
+            fail_field(field_name, f"{requested} {split} samples per domain need {int(need[j])} samples of class {used[j]} "
                               f"but its {split} pool holds {int(pool_sizes[j])}; lower "
                               f"{field_name} (0: as many as fit)")
         return requested
@@ -142,7 +109,7 @@ def _fit_per_domain(priors: np.ndarray, pool_sizes: np.ndarray, used: list[int],
     n = int(min(pool_sizes[y] / demand[y] for y in range(len(demand)) if demand[y] > 0))
     while n > 0 and (_counts(priors, n).sum(0) > pool_sizes).any():  # rounding may overshoot by a few
         n -= 1
-    _check(n >= 1, field_name, f"the {split} pools of the chosen classes cannot fill one sample per domain")
+    check_field(n >= 1, field_name, f"the {split} pools of the chosen classes cannot fill one sample per domain")
     return n
 
 
@@ -167,44 +134,44 @@ def build_split(dataset: str, train_labels, num_classes: int, seed: int, *, test
     ``SplitError`` naming the field for any input that does not fit; nothing is written here."""
     if unknown:
         name = next(iter(unknown))
-        _fail(name, f"does not apply to kind {KIND!r} (its parameters: num_domains, classes, samples_per_domain, "
+        fail_field(name, f"does not apply to kind {KIND!r} (its parameters: num_domains, classes, samples_per_domain, "
                     f"concentration, max_condition_number, test_samples_per_domain)")
-    _check(isinstance(dataset, str) and dataset != "", "dataset", f"must be a non-empty name, got {dataset!r}")
-    num_classes = _as_int(num_classes, "num_classes")
-    _check(num_classes >= 2, "num_classes", f"discovery needs at least 2 classes, got {num_classes}")
-    seed = _as_int(seed, "seed")
-    _check(seed >= 0, "seed", f"must be >= 0, got {seed}")
-    train = _as_labels(train_labels, "train_labels", num_classes)
-    test = None if test_labels is None else _as_labels(test_labels, "test_labels", num_classes)
+    check_field(isinstance(dataset, str) and dataset != "", "dataset", f"must be a non-empty name, got {dataset!r}")
+    num_classes = as_int(num_classes, "num_classes")
+    check_field(num_classes >= 2, "num_classes", f"discovery needs at least 2 classes, got {num_classes}")
+    seed = as_int(seed, "seed")
+    check_field(seed >= 0, "seed", f"must be >= 0, got {seed}")
+    train = as_labels(train_labels, "train_labels", num_classes)
+    test = None if test_labels is None else as_labels(test_labels, "test_labels", num_classes)
 
     if classes is None:
         used = list(range(num_classes))
     else:
-        _check(isinstance(classes, (list, tuple)) and all(isinstance(c, numbers.Integral) and not isinstance(c, bool)
+        check_field(isinstance(classes, (list, tuple)) and all(isinstance(c, numbers.Integral) and not isinstance(c, bool)
                                                           for c in classes), "classes",
                f"must be a list of class ids, got {classes!r}")
         used = sorted(int(c) for c in classes)
-        _check(len(set(used)) == len(used), "classes", f"repeats a class: {list(classes)}")
-        _check(all(0 <= c < num_classes for c in used), "classes",
+        check_field(len(set(used)) == len(used), "classes", f"repeats a class: {list(classes)}")
+        check_field(all(0 <= c < num_classes for c in used), "classes",
                f"class ids must lie in [0, {num_classes}) for {dataset}, got {used}")
-    _check(len(used) >= 2, "classes", f"needs at least 2 classes to discover, got {used}")
-    num_domains = _as_int(num_domains, "num_domains")
-    _check(num_domains >= len(used), "num_domains",
+    check_field(len(used) >= 2, "classes", f"needs at least 2 classes to discover, got {used}")
+    num_domains = as_int(num_domains, "num_domains")
+    check_field(num_domains >= len(used), "num_domains",
            f"{num_domains} domains for {len(used)} classes: p(y|d) must have rank k, so LLS needs at least as many "
            f"domains as classes")
-    samples_per_domain = _as_int(samples_per_domain, "samples_per_domain")
-    _check(samples_per_domain >= 0, "samples_per_domain", f"must be >= 0 (0: as many as fit), got {samples_per_domain}")
-    test_samples_per_domain = _as_int(test_samples_per_domain, "test_samples_per_domain")
-    _check(test_samples_per_domain >= 0, "test_samples_per_domain",
+    samples_per_domain = as_int(samples_per_domain, "samples_per_domain")
+    check_field(samples_per_domain >= 0, "samples_per_domain", f"must be >= 0 (0: as many as fit), got {samples_per_domain}")
+    test_samples_per_domain = as_int(test_samples_per_domain, "test_samples_per_domain")
+    check_field(test_samples_per_domain >= 0, "test_samples_per_domain",
            f"must be >= 0 (0: as many as fit), got {test_samples_per_domain}")
-    concentration = _as_float(concentration, "concentration")
-    _check(concentration > 0, "concentration", f"the Dirichlet concentration must be > 0, got {concentration}")
-    max_condition_number = _as_float(max_condition_number, "max_condition_number")
-    _check(max_condition_number == 0 or max_condition_number >= 1, "max_condition_number",
+    concentration = as_float(concentration, "concentration")
+    check_field(concentration > 0, "concentration", f"the Dirichlet concentration must be > 0, got {concentration}")
+    max_condition_number = as_float(max_condition_number, "max_condition_number")
+    check_field(max_condition_number == 0 or max_condition_number >= 1, "max_condition_number",
            f"a condition number is at least 1 (0: no cap), got {max_condition_number}")
 
     pools = np.array([int((train == c).sum()) for c in used])
-    _check(bool((pools > 0).all()), "classes",
+    check_field(bool((pools > 0).all()), "classes",
            f"class {used[int(np.argmin(pools))]} has no training sample in {dataset}")
     priors, cond = draw_domain_priors(num_domains, len(used), concentration, max_condition_number, seed)
     per_domain = _fit_per_domain(priors, pools, used, samples_per_domain, "samples_per_domain", "training")
@@ -215,7 +182,7 @@ def build_split(dataset: str, train_labels, num_classes: int, seed: int, *, test
     test_per_domain = 0
     if test is not None:
         test_pools = np.array([int((test == c).sum()) for c in used])
-        _check(bool((test_pools > 0).all()), "classes",
+        check_field(bool((test_pools > 0).all()), "classes",
                f"class {used[int(np.argmin(test_pools))]} has no test sample in {dataset}")
         test_per_domain = _fit_per_domain(priors, test_pools, used, test_samples_per_domain,
                                           "test_samples_per_domain", "test")
@@ -244,51 +211,51 @@ def build_split(dataset: str, train_labels, num_classes: int, seed: int, *, test
 
 
 def _sorted_positions(values, field_name: str) -> None:
-    _check(isinstance(values, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+    check_field(isinstance(values, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                             for i in values), field_name, "must hold non-negative integer positions")
-    _check(all(a < b for a, b in zip(values, values[1:])), field_name, "must be sorted without repeats")
+    check_field(all(a < b for a, b in zip(values, values[1:])), field_name, "must be sorted without repeats")
 
 
 def validate_split(manifest: dict) -> None:
     """Check a ``latent_shift`` manifest's invariants; raise ``SplitError`` naming the field."""
-    _check(isinstance(manifest, dict), "manifest", f"a manifest is a dict, got {type(manifest).__name__}")
+    check_field(isinstance(manifest, dict), "manifest", f"a manifest is a dict, got {type(manifest).__name__}")
     for key in ("kind", "dataset", "seed", "num_classes", "params", "class_order", "known_classes", "novel_classes",
                 "labelled", "unlabelled", "domains", "test", "test_domains", "domain_priors"):
-        _check(key in manifest, key, "missing from the manifest")
-    _check(manifest["kind"] == KIND, "kind", f"this module checks {KIND!r} manifests, got {manifest['kind']!r}")
+        check_field(key in manifest, key, "missing from the manifest")
+    check_field(manifest["kind"] == KIND, "kind", f"this module checks {KIND!r} manifests, got {manifest['kind']!r}")
     num_classes = manifest["num_classes"]
-    _check(isinstance(num_classes, int) and num_classes >= 2, "num_classes",
+    check_field(isinstance(num_classes, int) and num_classes >= 2, "num_classes",
            f"must be an integer >= 2, got {num_classes!r}")
-    _check(sorted(manifest["class_order"]) == list(range(num_classes)), "class_order",
+    check_field(sorted(manifest["class_order"]) == list(range(num_classes)), "class_order",
            f"must be a permutation of range({num_classes})")
-    _check(manifest["known_classes"] == [], "known_classes", "a latent_shift split labels no class")
-    _check(manifest["labelled"] == [], "labelled", "a latent_shift split has no labelled sample")
+    check_field(manifest["known_classes"] == [], "known_classes", "a latent_shift split labels no class")
+    check_field(manifest["labelled"] == [], "labelled", "a latent_shift split has no labelled sample")
     used = manifest["novel_classes"]
-    _check(isinstance(used, list) and len(used) >= 2 and used == sorted(set(used))
+    check_field(isinstance(used, list) and len(used) >= 2 and used == sorted(set(used))
            and all(isinstance(c, int) and 0 <= c < num_classes for c in used), "novel_classes",
            f"must be at least 2 sorted distinct class ids in [0, {num_classes})")
     domains = manifest["domains"]
-    _check(isinstance(domains, list) and len(domains) >= len(used), "domains",
+    check_field(isinstance(domains, list) and len(domains) >= len(used), "domains",
            f"must be a list of at least as many domains as classes ({len(used)}), got {domains!r:.80}")
     seen: set[int] = set()
     for d, members in enumerate(domains):
         _sorted_positions(members, f"domains[{d}]")
-        _check(len(members) > 0, "domains", f"domain {d} has no samples")
-        _check(not seen & set(members), "domains", f"domain {d} repeats samples of an earlier domain")
+        check_field(len(members) > 0, "domains", f"domain {d} has no samples")
+        check_field(not seen & set(members), "domains", f"domain {d} repeats samples of an earlier domain")
         seen |= set(members)
     _sorted_positions(manifest["unlabelled"], "unlabelled")
-    _check(sorted(seen) == manifest["unlabelled"], "unlabelled", "must be the union of the domains' samples")
+    check_field(sorted(seen) == manifest["unlabelled"], "unlabelled", "must be the union of the domains' samples")
     _sorted_positions(manifest["test"], "test")
     test_domains = manifest["test_domains"]
-    _check(isinstance(test_domains, list) and len(test_domains) == len(manifest["test"]), "test_domains",
+    check_field(isinstance(test_domains, list) and len(test_domains) == len(manifest["test"]), "test_domains",
            f"must give the domain of each of the {len(manifest['test'])} test positions")
-    _check(all(isinstance(d, int) and 0 <= d < len(domains) for d in test_domains), "test_domains",
+    check_field(all(isinstance(d, int) and 0 <= d < len(domains) for d in test_domains), "test_domains",
            f"domain ids must lie in [0, {len(domains)})")
     priors = np.asarray(manifest["domain_priors"], dtype=np.float64)
-    _check(priors.shape == (len(domains), len(used)), "domain_priors",
+    check_field(priors.shape == (len(domains), len(used)), "domain_priors",
            f"must be {len(domains)} domains x {len(used)} classes, got shape {priors.shape}")
-    _check(bool((priors >= 0).all()) and np.allclose(priors.sum(1), 1.0, atol=1e-6), "domain_priors",
+    check_field(bool((priors >= 0).all()) and np.allclose(priors.sum(1), 1.0, atol=1e-6), "domain_priors",
            "each row must be a distribution over the classes")
     params = manifest["params"]
-    _check(isinstance(params, dict) and params.get("num_domains") == len(domains), "params",
+    check_field(isinstance(params, dict) and params.get("num_domains") == len(domains), "params",
            f"params.num_domains must equal the {len(domains)} domains")

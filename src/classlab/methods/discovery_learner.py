@@ -157,6 +157,12 @@ class GCDRepresentation(nn.Module):
         self.projector = ProjectionHead(in_dim, proj_dim, hidden)
         self.sup_weight, self.t_u, self.t_s = sup_weight, unsup_temperature, sup_temperature
 
+    @classmethod
+    def from_hparams(cls, in_dim: int, hp: dict) -> "GCDRepresentation":
+        """The loss with a method's settings (``proj_dim``, ``proj_hidden``, ``sup_weight``, the two temperatures)."""
+        return cls(in_dim, int(hp.get("proj_dim", 128)), int(hp.get("proj_hidden", 0)), float(hp.get("sup_weight", 0.35)),
+                   float(hp.get("unsup_temperature", 1.0)), float(hp.get("sup_temperature", 0.07)))
+
     def forward(self, h1: torch.Tensor, h2: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         z1, z2 = F.normalize(self.projector(h1), dim=1), F.normalize(self.projector(h2), dim=1)
         l_u = nt_xent(z1, z2, self.t_u)

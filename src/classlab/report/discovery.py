@@ -24,7 +24,7 @@ from classlab.io import read_json  # noqa: E402
 from classlab.metrics.discovery import clustering_scores, cluster_mapping, matched_confusion  # noqa: E402
 from classlab.report.claims import evaluate_claims  # noqa: E402
 from classlab.report.figures import _save  # noqa: E402
-from classlab.report.tables import run_fields, with_integer_budgets, write_table_set  # noqa: E402
+from classlab.report.tables import collect_protocol_runs, run_fields, summarize_protocol_runs, write_table_set  # noqa: E402
 
 KEYS = ["dataset", "backbone", "scenario", "method"]
 SUBSETS = ("all", "old", "new")
@@ -100,27 +100,18 @@ def discovery_metrics(predictions: str | Path, split: str | Path, history: str |
 # --- tables and claims ---------------------------------------------------------------------------
 
 def collect(metric_files: list[str | Path]) -> pd.DataFrame:
-    rows = []
-    for path in metric_files:
-        m = read_json(path)
-        rows.append({**{k: m[k] for k in KEYS}, "seed": int(m["seed"]), "init_kind": m.get("init_kind", "scratch"),
-                     **{k: float(m[k]) for k in SCALARS if m.get(k) is not None}, **run_fields(m)})
-    if not rows:
-        raise ValueError("no metrics files to aggregate")
-    return with_integer_budgets(pd.DataFrame(rows).sort_values(KEYS + ["seed"]).reset_index(drop=True))
+    return collect_protocol_runs(metric_files, KEYS, SCALARS)
+
+
+def _describe_inits(kinds: pd.Series) -> str:
+    # which labels the starting backbone saw (each seed has its own known classes: name the kind)
+    if all(" only" in k for k in kinds):
+        return kinds.iloc[0].split(" on ")[0] + " on the known classes only"
+    return "; ".join(sorted(set(kinds)))
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    cols = [c for c in SCALARS if c in runs.columns]
-    grouped = runs.groupby(KEYS, sort=True)
-    out = grouped[cols].agg(["mean", "std"])
-    out.columns = [f"{m}_{s}" for m, s in out.columns]
-    out["seeds"] = grouped.size()
-    # which labels the starting backbone saw (each seed has its own known classes: name the kind)
-    out["backbone_init"] = grouped["init_kind"].agg(
-        lambda v: v.iloc[0].split(" on ")[0] + " on the known classes only" if all(" only" in x for x in v)
-        else "; ".join(sorted(set(v))))
-    return out.reset_index()
+    return summarize_protocol_runs(runs, KEYS, SCALARS, _describe_inits)
 
 
 def _pm(row, name: str, scale: float = 100.0) -> str:

@@ -13,7 +13,7 @@ import pandas as pd  # noqa: E402
 from classlab.io import read_json  # noqa: E402
 from classlab.report.claims import evaluate_claims  # noqa: E402
 from classlab.report.figures import _save  # noqa: E402
-from classlab.report.tables import run_fields, with_integer_budgets, write_table_set  # noqa: E402
+from classlab.report.tables import collect_protocol_runs, summarize_protocol_runs, write_table_set  # noqa: E402
 
 SCALARS = ("last_accuracy", "average_incremental_accuracy", "forgetting", "forgetting_initial",
            "backward_transfer", "last_accuracy_class_balanced", "average_incremental_accuracy_class_balanced",
@@ -24,30 +24,27 @@ KEYS = ["dataset", "backbone", "scenario", "method"]
 TEXT = ("init_kind",)
 
 
+def _with_map(m: dict) -> dict:
+    if "final_map" in m:  # multi-label runs report mAP (protocols/multilabel.py)
+        m["mean_average_precision"] = m["final_map"]
+    return m
+
+
 def collect(metric_files: list[str | Path]) -> pd.DataFrame:
-    rows = []
-    for path in metric_files:
-        m = read_json(path)
-        if "final_map" in m:  # multi-label runs report mAP (protocols/multilabel.py)
-            m["mean_average_precision"] = m["final_map"]
-        rows.append({**{k: m[k] for k in KEYS}, "seed": int(m["seed"]), "init_kind": m.get("init_kind", "scratch"),
-                     **{k: float(m[k]) for k in SCALARS if m.get(k) is not None}, **run_fields(m)})
-    if not rows:
-        raise ValueError("no metrics files to aggregate")
-    return with_integer_budgets(pd.DataFrame(rows).sort_values(KEYS + ["seed"]).reset_index(drop=True))
+    return collect_protocol_runs(metric_files, KEYS, SCALARS, _with_map)
+
+
+def _describe_inits(kinds: pd.Series) -> str:
+    # which labels the starting backbone saw (each seed has its own first task: list the kind)
+    if set(kinds) == {"scratch"}:
+        return "scratch"
+    if all("only" in x for x in kinds):
+        return kinds.iloc[0].split(" on ")[0] + " on first-task classes"
+    return "; ".join(sorted(set(kinds)))
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    cols = [c for c in SCALARS if c in runs.columns]
-    grouped = runs.groupby(KEYS, sort=True)
-    out = grouped[cols].agg(["mean", "std"])
-    out.columns = [f"{m}_{s}" for m, s in out.columns]
-    out["seeds"] = grouped.size()
-    # which labels the starting backbone saw (each seed has its own first task: list the kind)
-    out["backbone_init"] = grouped["init_kind"].agg(
-        lambda v: "scratch" if set(v) == {"scratch"} else v.iloc[0].split(" on ")[0] + " on first-task classes"
-        if all("only" in x for x in v) else "; ".join(sorted(set(v))))
-    return out.reset_index()
+    return summarize_protocol_runs(runs, KEYS, SCALARS, _describe_inits)
 
 
 def _pm(row, name: str, scale: float = 100.0) -> str:

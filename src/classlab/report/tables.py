@@ -117,3 +117,30 @@ def write_tables(metric_files: list[str | Path], runs_csv: Path, summary_csv: Pa
     summary = summarize(runs)
     write_table_set(runs, summary, markdown_table(summary), runs_csv, summary_csv, summary_md)
     return summary
+
+
+def collect_protocol_runs(metric_files, keys: list[str], scalars, prepare=None) -> pd.DataFrame:
+    """One row per run of a protocol family (incremental, discovery): its ``keys`` (dataset, backbone,
+    scenario or split, method), seed, init kind, the ``scalars`` it reports and its budget and provenance.
+    ``prepare(metrics)`` may rename fields first."""
+    rows = []
+    for path in metric_files:
+        m = read_json(path)
+        if prepare is not None:
+            m = prepare(m)
+        rows.append({**{k: m[k] for k in keys}, "seed": int(m["seed"]), "init_kind": m.get("init_kind", "scratch"),
+                     **{k: float(m[k]) for k in scalars if m.get(k) is not None}, **run_fields(m)})
+    if not rows:
+        raise ValueError("no metrics files to aggregate")
+    return with_integer_budgets(pd.DataFrame(rows).sort_values(keys + ["seed"]).reset_index(drop=True))
+
+
+def summarize_protocol_runs(runs: pd.DataFrame, keys: list[str], scalars, describe_inits) -> pd.DataFrame:
+    """mean and std of each scalar, the seed count and ``describe_inits(init kinds of a group)`` per key."""
+    cols = [c for c in scalars if c in runs.columns]
+    grouped = runs.groupby(keys, sort=True)
+    out = grouped[cols].agg(["mean", "std"])
+    out.columns = [f"{m}_{s}" for m, s in out.columns]
+    out["seeds"] = grouped.size()
+    out["backbone_init"] = grouped["init_kind"].agg(describe_inits)
+    return out.reset_index()

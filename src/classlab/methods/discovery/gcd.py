@@ -53,11 +53,7 @@ def estimate_num_classes(features: np.ndarray, labels: np.ndarray, k_min: int, k
 class GCD(DiscoveryLearner):
     def __init__(self, model, hparams, num_classes):
         super().__init__(model, hparams, num_classes)
-        hp = self.hparams
-        self.representation = GCDRepresentation(model.num_features, int(hp.get("proj_dim", 128)),
-                                                int(hp.get("proj_hidden", 0)), float(hp.get("sup_weight", 0.35)),
-                                                float(hp.get("unsup_temperature", 1.0)),
-                                                float(hp.get("sup_temperature", 0.07)))
+        self.representation = GCDRepresentation.from_hparams(model.num_features, self.hparams)
         self.register_buffer("centres", torch.zeros(num_classes, model.num_features))
         self.register_buffer("num_centres", torch.tensor(num_classes, dtype=torch.long))
 

@@ -64,11 +64,7 @@ def mean_entropy_penalty(logits: torch.Tensor, temperature: float) -> torch.Tens
 class SimGCD(DiscoveryLearner):
     def __init__(self, model, hparams, num_classes):
         super().__init__(model, hparams, num_classes)
-        hp = self.hparams
-        self.representation = GCDRepresentation(model.num_features, int(hp.get("proj_dim", 128)),
-                                                int(hp.get("proj_hidden", 0)), float(hp.get("sup_weight", 0.35)),
-                                                float(hp.get("unsup_temperature", 1.0)),
-                                                float(hp.get("sup_temperature", 0.07)))
+        self.representation = GCDRepresentation.from_hparams(model.num_features, self.hparams)
         self.prototypes = CosinePrototypes(model.num_features, num_classes)
         self.epoch = 0
 
