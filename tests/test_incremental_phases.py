@@ -145,7 +145,7 @@ class TwoPhase(IncrementalLearner):
 def _two_phase(monkeypatch):
     from classlab.protocols import runner
 
-    def resolve(method, kind, backbone, overrides):
+    def resolve(method, kind, backbone, overrides, family="incremental"):
         return resolve_hparams("incremental", "finetune", overrides), TwoPhase
 
     monkeypatch.setattr(runner, "resolve_learner", resolve)
