@@ -211,7 +211,9 @@ def test_declared_optimizers_and_schedules_exist_in_the_engine():
 @pytest.mark.parametrize("kwargs,needle", [
     ({"convnet": {"widths": [16, 32], "pool_after": [0], "widht": 8}}, "config key backbone_kwargs.convnet.widht"),
     ({"convnet": {"widths": [16, 0]}}, "config key backbone_kwargs.convnet.widths: 0 is less than the minimum of 1"),
-    ({"vit_tiny": {"depth": 2, "patch_size": 2}}, "config key backbone_kwargs.vit_tiny.patch_size"),
+    ({"vit_tiny": {"depth": 2, "patch_size": 0}},
+     "config key backbone_kwargs.vit_tiny.patch_size: 0 is less than the minimum of 1"),
+    ({"vit_tiny": {"depth": 2, "patch_sise": 2}}, "config key backbone_kwargs.vit_tiny.patch_sise"),
     ({"vgg": {}}, "config key backbone_kwargs.vgg: 'vgg' is not a backbone"),
 ])
 def test_unknown_backbone_kwargs_fail_at_parse_time(kwargs, needle):

@@ -22,8 +22,10 @@ BACKBONE_KWARGS: dict[str, dict[str, dict]] = {
         "drop_rate": _RATE,
         "drop_path_rate": _RATE,
     },
-    # timm VisionTransformer with 4x4 patches (img_size comes from the data, patch_size is fixed)
+    # timm VisionTransformer with p x p patches (img_size comes from the data; patch_size p, default 4,
+    # must divide it)
     "vit_tiny": {
+        "patch_size": {"type": "integer", "minimum": 1},
         "depth": {"type": "integer", "minimum": 1},
         "embed_dim": {"type": "integer", "minimum": 1},
         "num_heads": {"type": "integer", "minimum": 1},

@@ -64,10 +64,14 @@ def _resnet18_small(in_chans: int, pretrained: bool, **kw) -> nn.Module:
     return model
 
 
-def _vit_tiny_p4(in_chans: int, pretrained: bool, img_size: int = 28, **kw) -> nn.Module:
-    # ViT-Tiny (192-dim, 12 blocks, 3 heads) with 4x4 patches: a 28x28 image gives 49 tokens.
+def _vit_tiny_p4(in_chans: int, pretrained: bool, img_size: int = 28, patch_size: int = 4, **kw) -> nn.Module:
+    # ViT-Tiny (192-dim, 12 blocks, 3 heads) with p x p patches, p = ``patch_size`` (4 by default):
+    # a 28x28 image gives (28 / 4)^2 = 49 patch tokens. Depth, width and heads follow backbone_kwargs.
+    if patch_size < 1 or img_size % patch_size:
+        raise ValueError(f"backbone_kwargs.vit_tiny.patch_size: {patch_size} must be a positive divisor of the "
+                         f"image size {img_size}")
     return timm.create_model("vit_tiny_patch16_224", pretrained=pretrained, in_chans=in_chans, num_classes=0,
-                             img_size=img_size, patch_size=4, **kw)
+                             img_size=img_size, patch_size=patch_size, **kw)
 
 
 class DeepMLP(nn.Module):
@@ -165,8 +169,9 @@ def build_classifier(backbone: str, in_chans: int, num_classes: int, img_size: i
 #   convnet:  block0 .. block{k-1}: each conv block's activation (after its ReLU, before any
 #             max-pool), (B, C, H, W);
 #   resnet18: stem (after the first conv/BN/ReLU), layer1 .. layer4, (B, C, H, W);
-#   vit_tiny: block0 .. block11: each transformer block's patch tokens as a map
-#             (B, D, H/4, W/4), class token dropped (timm's NCHW intermediates).
+#   vit_tiny: block0 .. block{depth-1} (block11 at the default depth 12): each transformer block's
+#             patch tokens as a map (B, D, H/p, W/p), p the patch size (backbone_kwargs patch_size,
+#             default 4), class token dropped (timm's NCHW intermediates).
 #   deep_mlp: block0 .. block{depth-1}: each hidden layer's activation (after its ReLU), (B, width).
 # timm backbones that offer ``forward_intermediates`` (ResNet, ViT) are read through it;
 # the rest through forward hooks. Any submodule name of the classifier (``backbone.blocks.3``,
