@@ -22,8 +22,15 @@ def _download(a):
 
 def _prepare(a):
     from classlab.data.prepare import prepare
+    from classlab.data.scenes import SceneError
 
-    prepare(a.dataset, Path(a.raw_dir), Path(a.out_dir), a.seed)
+    recipe = None
+    if a.recipe is not None:
+        try:
+            recipe = json.loads(a.recipe)
+        except json.JSONDecodeError as exc:
+            raise SceneError(f"scenes: --recipe is not valid JSON ({exc})") from None
+    prepare(a.dataset, Path(a.raw_dir), Path(a.out_dir), a.seed, recipe=recipe)
 
 
 def _train(a):
@@ -295,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw-dir", required=True)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe", default=None,
+                   help="scene datasets: JSON scene recipe over the dataset's defaults (seed, grid, n_distractors, "
+                        "target_classes, distractor_classes, n_train, n_test)")
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("train", help="train one method (resumes from out-dir/last.pt)")

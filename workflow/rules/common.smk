@@ -61,8 +61,25 @@ def pretrain_overrides_json(wildcards):
 
 
 def mirror_option(wildcards):
-    mirror = config["mirrors"].get(wildcards.dataset)
+    # a scene dataset downloads its base dataset's raw files, from the base dataset's mirror
+    mirror = config["mirrors"].get(wildcards.dataset) or config["mirrors"].get(scene_base(wildcards.dataset))
     return f"--mirror {mirror}" if mirror else ""
+
+
+def scene_base(dataset):
+    """The registry dataset a scene dataset is built from (None for any other dataset)."""
+    from classlab.data.registry import get_dataset
+
+    return get_dataset(dataset).scene_base
+
+
+def scene_recipe_option(wildcards):
+    """`--recipe '<json>'` of a scene dataset from the config's `scene_recipes` (a params value,
+    so editing the recipe re-prepares the scenes); empty where the config sets none."""
+    import shlex
+
+    recipe = config.get("scene_recipes", {}).get(wildcards.dataset)
+    return f"--recipe {shlex.quote(json.dumps(recipe, sort_keys=True))}" if recipe else ""
 
 
 def pretrained_flag(wildcards):

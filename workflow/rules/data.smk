@@ -23,10 +23,12 @@ rule prepare_dataset:
         train="data/prepared/{dataset}/train.pt",
         val="data/prepared/{dataset}/val.pt",
         test="data/prepared/{dataset}/test.pt",
+    params:
+        recipe=scene_recipe_option,
     log:
         "logs/prepare_dataset/{dataset}.log",
     conda:
         ENV
     shell:
         "classlab prepare --dataset {wildcards.dataset} --raw-dir data/raw/{wildcards.dataset} "
-        "--out-dir data/prepared/{wildcards.dataset} > {log} 2>&1"
+        "--out-dir data/prepared/{wildcards.dataset} {params.recipe} > {log} 2>&1"

@@ -6,6 +6,15 @@ Every consumer that reads ``load_prepared(...).train`` therefore never sees a va
 sample; choices (epochs, learning rates, options) are made on ``.val`` and ``.test`` is only
 reported. The manifest records which raw-train indices went to validation, with the fraction
 and the seed, so the cut can be recomputed (``stratified_holdout``) and checked.
+
+Scene datasets (``fashion_mnist_scenes``, ``digits_scenes``, ...: a registry spec with a
+``scene_base``) read their base dataset's raw files, build single-target scenes from them with
+a recipe (``classlab.data.scenes``; the spec's defaults, overridden by ``recipe``), and then
+go through the same path: the train scenes play the raw train split (validation held out by
+scene label), the test scenes the raw test split. Each split file also carries the scenes'
+``boxes`` (N, 4), ``distractor_boxes`` (N, D, 4), ``distractor_labels`` (N, D) and
+``object_sources`` (N, 1 + D), cut with their scenes; the manifest adds the recipe, the base
+dataset, the canvas and the box-area share (``scenes``).
 """
 from __future__ import annotations
 
@@ -60,8 +69,24 @@ def stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
     return np.flatnonzero(keep).astype(np.int64), held_out.astype(np.int64)
 
 
+SCENE_ARRAYS = ("boxes", "distractor_boxes", "distractor_labels", "object_sources")
+
+
+def _scene_raw(spec, raw, recipe: dict | None):
+    """(raw splits of the scenes, per-split extra arrays, manifest section) of a scene dataset."""
+    from classlab.data.registry import RawSplits, get_dataset
+    from classlab.data.scenes import build_single_target_dataset
+
+    base_names = raw.class_names or get_dataset(spec.scene_base).class_names
+    train, test, info = build_single_target_dataset(raw.train_x, raw.train_y, raw.test_x, raw.test_y, base_names,
+                                                    recipe, spec.scene_defaults, base=spec.scene_base)
+    scenes_raw = RawSplits(train.x.numpy(), train.y.numpy(), test.x.numpy(), test.y.numpy(),
+                           info["target_class_names"])
+    return scenes_raw, {"train": train.extras(), "test": test.extras()}, info
+
+
 def prepare(dataset: str, raw_dir: Path, out_dir: Path, seed: int = 0,
-            val_fraction: float = DEFAULT_VAL_FRACTION) -> dict:
+            val_fraction: float = DEFAULT_VAL_FRACTION, recipe: dict | None = None) -> dict:
     """Write ``train.pt``, ``val.pt``, ``test.pt`` (dicts of tensors) and ``manifest.json``.
 
     ``val.pt`` holds ``val_fraction`` of each class of the raw train split (seeded by
@@ -69,11 +94,27 @@ def prepare(dataset: str, raw_dir: Path, out_dir: Path, seed: int = 0,
     sample's position in the raw train split. The channel statistics are those of the
     training part. The manifest is written last: its presence means the split files are
     complete.
+
+    ``recipe`` (scene datasets only) overrides the dataset's default scene recipe; a bad one
+    raises ``SceneError`` naming the key before anything is written.
     """
     spec = get_dataset(dataset)
+    if spec.scene_base is None and recipe is not None:
+        from classlab.data.registry import DATASETS
+        from classlab.data.scenes import SceneError
+
+        scene_sets = sorted(n for n in DATASETS if get_dataset(n).scene_base)
+        raise SceneError(f"scenes: dataset {dataset!r} takes no scene recipe; scene datasets: {scene_sets}")
+    if spec.scene_base is not None:
+        from classlab.data.scenes import resolve_single_target_recipe
+
+        # checked against the spec's class count first: a bad recipe fails before the raw files load
+        resolve_single_target_recipe(recipe, get_dataset(spec.scene_base).num_classes, spec.scene_defaults)
     raw = spec.load_raw(Path(raw_dir))
+    extras, scene_info = {}, None
+    if spec.scene_base is not None:
+        raw, extras, scene_info = _scene_raw(spec, raw, recipe)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     class_names = raw.class_names or spec.class_names
     for split, x, y in (("train", raw.train_x, raw.train_y), ("test", raw.test_x, raw.test_y)):
         if x.dtype != np.uint8 or x.ndim != 4:
@@ -81,15 +122,21 @@ def prepare(dataset: str, raw_dir: Path, out_dir: Path, seed: int = 0,
         if len(x) != len(y):
             raise ValueError(f"{dataset}/{split}: {len(x)} images but {len(y)} labels")
     train_idx, val_idx = stratified_holdout(raw.train_y, val_fraction, seed)
-    parts = (("train", raw.train_x[train_idx], raw.train_y[train_idx], train_idx),
-             ("val", raw.train_x[val_idx], raw.train_y[val_idx], val_idx),
-             ("test", raw.test_x, raw.test_y, np.arange(len(raw.test_y), dtype=np.int64)))
+    test_idx = np.arange(len(raw.test_y), dtype=np.int64)
+    parts = (("train", raw.train_x[train_idx], raw.train_y[train_idx], train_idx, "train"),
+             ("val", raw.train_x[val_idx], raw.train_y[val_idx], val_idx, "train"),
+             ("test", raw.test_x, raw.test_y, test_idx, "test"))
+    out_dir.mkdir(parents=True, exist_ok=True)
     files = {}
-    for split, x, y, source in parts:
+    for split, x, y, source, raw_split in parts:
         target = out_dir / f"{split}.pt"
-        save_checkpoint({"x": torch.from_numpy(np.ascontiguousarray(x)),
-                         "y": torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)),
-                         "source_index": torch.from_numpy(np.ascontiguousarray(source, dtype=np.int64))}, target)
+        blob = {"x": torch.from_numpy(np.ascontiguousarray(x)),
+                "y": torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)),
+                "source_index": torch.from_numpy(np.ascontiguousarray(source, dtype=np.int64))}
+        # a scene's extra arrays follow it into its split
+        blob.update({k: torch.from_numpy(np.ascontiguousarray(v[source], dtype=np.int64))
+                     for k, v in extras.get(raw_split, {}).items()})
+        save_checkpoint(blob, target)
         files[split] = {"file": target.name, "sha256": _sha256(target), "count": int(len(y)),
                         "per_class": np.bincount(y, minlength=len(class_names)).tolist()}
     # train and val are cut from the raw train split: val lists its raw positions, train is
@@ -112,6 +159,8 @@ def prepare(dataset: str, raw_dir: Path, out_dir: Path, seed: int = 0,
         "channel_mean": (train_x.mean(axis=(0, 2, 3)) / 255.0).tolist(),
         "channel_std": (train_x.std(axis=(0, 2, 3)) / 255.0).tolist(),
     }
+    if scene_info is not None:
+        manifest["scenes"] = scene_info
     write_json(out_dir / "manifest.json", manifest)
     return manifest
 
@@ -121,6 +170,11 @@ class PreparedSplit:
     x: torch.Tensor  # uint8 (N, C, H, W)
     y: torch.Tensor  # int64 (N,)
     source_index: torch.Tensor | None = None  # int64 (N,): position in the raw split it came from
+    # scene datasets only (None otherwise): the target's box x0, y0, x1, y1 (x1, y1 exclusive)
+    boxes: torch.Tensor | None = None              # int64 (N, 4)
+    distractor_boxes: torch.Tensor | None = None   # int64 (N, D, 4)
+    distractor_labels: torch.Tensor | None = None  # int64 (N, D): base-dataset class ids
+    object_sources: torch.Tensor | None = None     # int64 (N, 1 + D): base-split image index, target first
 
     def __len__(self) -> int:
         return len(self.y)
@@ -151,5 +205,6 @@ def load_prepared(prepared_dir: Path) -> PreparedDataset:
             splits[split] = PreparedSplit(ref.x[:0], ref.y[:0], torch.zeros(0, dtype=torch.long))
             continue
         blob = torch.load(prepared_dir / manifest["splits"][split]["file"], weights_only=True)
-        splits[split] = PreparedSplit(blob["x"], blob["y"], blob.get("source_index"))
+        splits[split] = PreparedSplit(blob["x"], blob["y"], blob.get("source_index"),
+                                      **{k: blob.get(k) for k in SCENE_ARRAYS})
     return PreparedDataset(manifest, splits["train"], splits["test"], splits["val"])

@@ -3,13 +3,19 @@
 Every dataset goes through the same path: ``download`` places checksummed raw files under
 ``data/raw/<name>/``; ``load_raw`` turns them into uint8 arrays (N, C, H, W) and int64
 labels, which ``prepare`` stores as tensors with a manifest.
+
+Scene datasets (``fashion_mnist_scenes``, ``digits_scenes``, ``mnist_scenes``) are specs of the
+same kind: their raw files, mirror and parser are the base dataset's (``scene_base``), and
+``prepare`` builds single-target scenes from them (``classlab.data.scenes``) with the spec's
+``scene_defaults`` unless a recipe overrides them. Their ``class_names`` and ``size`` are those
+of the default recipe (the target classes, the canvas side); the manifest has the real ones.
 """
 from __future__ import annotations
 
 import gzip
 import shutil
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +47,10 @@ class DatasetSpec:
     load_raw: Callable[[Path], RawSplits] | None = None
     # for datasets that ship with a package: write the raw files without any download
     materialize: Callable[[Path], None] | None = None
+    # scene datasets: the registry name whose raw files they are built from, and their default
+    # recipe keys (over classlab.data.scenes.SINGLE_TARGET_RECIPE)
+    scene_base: str | None = None
+    scene_defaults: dict | None = None
 
     @property
     def num_classes(self) -> int:
@@ -58,8 +68,7 @@ class DatasetSpec:
 
     def with_files(self, files: list[RemoteFile]) -> "DatasetSpec":
         """A copy served from other locations (a private mirror, or a test's loopback server)."""
-        return DatasetSpec(self.name, self.class_names, self.channels, self.size, files,
-                           None, self.load_raw, self.materialize)
+        return replace(self, files=list(files), default_mirror=None)
 
 
 DATASETS: dict[str, Callable[[], DatasetSpec]] = {}
@@ -308,3 +317,30 @@ def _mnist1d_splits(raw_dir: Path) -> RawSplits:
 def mnist1d() -> DatasetSpec:
     # size: the signal length (the stored images are 1 x 40, not square)
     return DatasetSpec("mnist1d", [str(i) for i in range(10)], 1, 40, [], None, _mnist1d_splits, _mnist1d_materialize)
+
+
+# --- single-target scenes built from a base dataset (the explain family's localisation data) --
+
+def _scene_spec(name: str, base: DatasetSpec, defaults: dict) -> DatasetSpec:
+    from classlab.data.scenes import resolve_single_target_recipe
+
+    r = resolve_single_target_recipe(None, base.num_classes, defaults)
+    return DatasetSpec(name, [base.class_names[k] for k in r["target_classes"]], base.channels,
+                       base.size * r["grid"], list(base.files), base.default_mirror, base.load_raw,
+                       base.materialize, scene_base=base.name, scene_defaults=dict(defaults))
+
+
+# defaults sized for CPU; digits has 1,437 train and 360 test images, so its scenes reuse sources
+@register_dataset("fashion_mnist_scenes")
+def fashion_mnist_scenes() -> DatasetSpec:
+    return _scene_spec("fashion_mnist_scenes", fashion_mnist(), {"n_train": 6000, "n_test": 1000})
+
+
+@register_dataset("digits_scenes")
+def digits_scenes() -> DatasetSpec:
+    return _scene_spec("digits_scenes", digits(), {"n_train": 2000, "n_test": 500})
+
+
+@register_dataset("mnist_scenes")
+def mnist_scenes() -> DatasetSpec:
+    return _scene_spec("mnist_scenes", mnist(), {"n_train": 6000, "n_test": 1000})
