@@ -19,6 +19,7 @@ include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/classifiers.smk"
 include: "workflow/rules/incremental.smk"
 include: "workflow/rules/discovery.smk"
+include: "workflow/rules/explain.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -41,6 +42,9 @@ localrules:
     evaluate_discovery,
     aggregate_discovery,
     plot_discovery,
+    evaluate_saliency,
+    aggregate_explain,
+    plot_explain,
 
 
 rule all:

@@ -8,6 +8,8 @@
 2. noop_rerun: wall time of `snakemake -c2` on a DAG whose outputs are all up to date (the
    default config when `make run` has completed here, else the smoke config in a scratch copy).
 3. incremental_run: one class-incremental run's time per task.
+5. saliency_maps: maps per second of each explain method on the same untrained scene ConvNet and
+   the same batch of Fashion-MNIST-sized scenes (84x84), relative to Grad-CAM's in the same run.
 4. recipe_step_time: each training recipe's and distillation student's step time relative to
    erm's, measured in the same process (SAM takes two forward-backward passes, so about 2x).
 """
@@ -291,6 +293,44 @@ def bench_recipe_steps(steps: int = 14, rounds: int = 2) -> None:
               "step_ms": round(1000 * step, 2), "ratio_to_erm": round(step / best["supervised/erm"], 3)})
 
 
+def bench_saliency(batch: int = 32, rounds: int = 2) -> None:
+    """Maps per second of every explain method at one layer (input-space methods at the input), on the
+    same randomly initialised scene ConvNet and the same batch (a map's cost does not depend on how
+    well the model is trained). The ratio is against Grad-CAM, measured in the same process."""
+    from classlab.config import list_methods, resolve_hparams
+    from classlab.engine.device import set_threads
+    from classlab.methods.registry import get_method
+    from classlab.methods.saliency_method import SaliencyMethod
+    from classlab.models import build_classifier
+
+    set_threads(2)
+    torch.manual_seed(0)
+    model = build_classifier("convnet", 1, 5, img_size=84,
+                             backbone_kwargs={"widths": [16, 32, 32, 64, 64], "pool_after": [0, 2]}).eval()
+    x = torch.randn(batch, 1, 84, 84)
+    classes = torch.arange(batch) % 5
+    baseline = torch.zeros(1, 84, 84)
+    timings = {}
+    for name in list_methods("explain"):
+        cls = get_method("explain", name)
+        if not (isinstance(cls, type) and issubclass(cls, SaliencyMethod)):
+            continue  # promptcam explains its own trained ViT readout, not this model
+        method = cls(resolve_hparams("explain", name, None))
+        layer = "block4" if method.layered else None
+        extra = {"baseline": baseline} if getattr(method, "needs_baseline", False) else {}
+        method.explain(model, x[:4], classes[:4], layer, **extra)  # warm-up
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.perf_counter()
+            method.explain(model, x, classes, layer, **extra)
+            best = min(best, time.perf_counter() - start)
+        timings[name] = (layer or "input", batch / best)
+    for name, (layer, rate) in timings.items():
+        emit({"bench": "saliency_maps", "method": name, "layer": layer, "model": "scene convnet 84x84 (explain_cpu.yaml)",
+              "batch_size": batch, "threads": 2, "maps_per_s": round(rate, 1),
+              "ratio_to_gradcam": round(rate / timings["gradcam"][1], 3)})
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bench.jsonl").unlink(missing_ok=True)
@@ -302,6 +342,7 @@ def main() -> None:
     bench_noop()
     bench_incremental()
     bench_discovery()
+    bench_saliency()
     bench_recipe_steps()
 
 

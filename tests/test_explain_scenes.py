@@ -242,3 +242,12 @@ def test_resolve_fills_defaults_and_keeps_explicit_classes():
                                          "distractor_classes": []}, 4)["n_distractors"] == 0
     with pytest.raises(SceneError, match="scenes: the recipe must be a mapping"):
         resolve_single_target_recipe([1, 2], 10)
+
+
+def test_scene_bases_table_matches_the_specs():
+    """The workflow reads SCENE_BASES (no torch) while it builds the DAG; the specs must agree."""
+    from classlab.data.registry import DATASETS, SCENE_BASES, get_dataset
+
+    scene_sets = {name for name in DATASETS if get_dataset(name).scene_base}
+    assert scene_sets == set(SCENE_BASES)
+    assert all(get_dataset(name).scene_base == base for name, base in SCENE_BASES.items())

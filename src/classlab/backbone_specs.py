@@ -60,3 +60,22 @@ def check_backbone_kwargs(name: str, kwargs: dict) -> None:
     if unknown:
         keys = ", ".join(f"backbone_kwargs.{name}.{k}" for k in unknown)
         raise ValueError(f"unknown keyword {keys}; {name} accepts {sorted(BACKBONE_KWARGS[name])}")
+
+
+# The named stages of each backbone (classlab.models.backbones.layer_names without building the
+# model): checked when the Snakefile is parsed, so a misspelt layer stops the run before any job.
+_DEFAULT_DEPTH = {"convnet": 5, "vit_tiny": 12, "deep_mlp": 20}
+
+
+def stage_names(name: str, kwargs: dict | None = None) -> list[str]:
+    """The layer names of backbone ``name`` with ``kwargs``, input to output, then pooled and logits."""
+    kwargs = kwargs or {}
+    if name == "convnet":
+        stages = [f"block{i}" for i in range(len(kwargs.get("widths", [0] * _DEFAULT_DEPTH[name])))]
+    elif name == "resnet18":
+        stages = ["stem", "layer1", "layer2", "layer3", "layer4"]
+    elif name in ("vit_tiny", "deep_mlp"):
+        stages = [f"block{i}" for i in range(int(kwargs.get("depth", _DEFAULT_DEPTH[name])))]
+    else:
+        raise ValueError(f"unknown backbone {name!r}; known: {sorted(BACKBONE_KWARGS)}")
+    return [*stages, "pooled", "logits"]

@@ -173,6 +173,42 @@ def _figures_discovery(a):
     discovery.query_curves(a.metrics, out / "discovery_queries.png")
 
 
+def _explain(a):
+    from classlab.protocols.explain import check_layers, describe, parse_layers, run_explain
+
+    layers = parse_layers(a.layer)
+    check_layers(Path(a.checkpoint), layers)  # before any work: a misspelt layer lists the valid names
+    info = run_explain(Path(a.checkpoint), Path(a.data), a.method, layers, Path(a.out_dir),
+                       overrides=json.loads(a.overrides), n_images=a.images, image_seed=a.image_seed,
+                       randomisation_images=a.randomisation_images, perturbation_steps=a.perturbation_steps,
+                       threads=a.threads, seed=a.seed)
+    print(describe(info))
+
+
+def _evaluate_explain(a):
+    from classlab.io import write_json
+    from classlab.report.explain import explain_metrics
+
+    write_json(a.out, explain_metrics(a.maps, a.info, a.tolerance))
+
+
+def _aggregate_explain(a):
+    from classlab.report.claims import load_claims
+    from classlab.report.explain import run_rows, write_tables
+
+    load_claims(a.claims_dir)  # first: a malformed claims file fails before any table is written
+    runs = run_rows(a.metrics, a.accuracy or [])
+    write_tables(runs, Path(a.runs_csv), Path(a.summary_csv), Path(a.summary_md), Path(a.claims_csv), a.tolerance)
+
+
+def _figures_explain(a):
+    from classlab.report import explain
+
+    labels = [Path(p).parts[-3] for p in a.maps]
+    explain.map_grid(a.maps, labels, Path(a.out_maps))
+    explain.randomisation_curves(a.metrics, [Path(p).parts[-3] for p in a.metrics], Path(a.out_randomisation))
+
+
 def _train_incremental(a):
     from classlab.protocols.incremental import run_incremental
 
@@ -438,6 +474,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=_figures_discovery)
 
+    p = sub.add_parser("explain", help="saliency maps of a checkpoint on the test scenes of a scenes dataset")
+    p.add_argument("--checkpoint", required=True, help="a model.pt of any family (or a promptcam run's)")
+    p.add_argument("--data", required=True, help="a prepared scenes dataset (data/prepared/<name>_scenes)")
+    p.add_argument("--method", required=True, help="a method of config/methods/explain/")
+    p.add_argument("--layer", default="", help="comma-separated layer names (classlab.models.backbones.layer_names)")
+    p.add_argument("--overrides", default="{}", help="JSON hyperparameter overrides of the method's YAML")
+    p.add_argument("--images", type=int, default=200, help="explained test scenes (a fixed, seeded set)")
+    p.add_argument("--image-seed", type=int, default=0)
+    p.add_argument("--randomisation-images", type=int, default=50)
+    p.add_argument("--perturbation-steps", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0, help="seeds the randomisation cascade and random maps")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=_explain)
+
+    p = sub.add_parser("evaluate-explain", help="saliency metrics.json from a job's maps.npz")
+    p.add_argument("--maps", required=True)
+    p.add_argument("--info", required=True)
+    p.add_argument("--tolerance", type=int, default=0, help="pointing game tolerance in pixels")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_evaluate_explain)
+
+    p = sub.add_parser("aggregate-explain", help="tables and claims of the explain family")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--accuracy", nargs="*", default=[])
+    p.add_argument("--tolerance", type=int, default=0)
+    p.add_argument("--runs-csv", required=True)
+    p.add_argument("--summary-csv", required=True)
+    p.add_argument("--summary-md", required=True)
+    p.add_argument("--claims-csv", required=True)
+    p.add_argument("--claims-dir", default=None, help="directory of <family>.yaml claims (default: config/claims)")
+    p.set_defaults(func=_aggregate_explain)
+
+    p = sub.add_parser("figures-explain", help="the map grid and the randomisation curves of one model")
+    p.add_argument("--maps", nargs="+", required=True)
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--out-maps", required=True)
+    p.add_argument("--out-randomisation", required=True)
+    p.set_defaults(func=_figures_explain)
+
     p = sub.add_parser("validate-config", help="check config files against the schema and registry")
     p.add_argument("configfile", nargs="+")
     p.set_defaults(func=_validate)
@@ -449,10 +525,11 @@ def main(argv: list[str] | None = None) -> int:
     from classlab.data.discovery_split import SplitError
     from classlab.data.scenarios import ScenarioError
     from classlab.engine.checkpoint import CheckpointError
+    from classlab.protocols.explain import ExplainError
 
     try:
         args.func(args)
-    except (ConfigError, ChecksumError, CheckpointError, ScenarioError, SplitError) as exc:
+    except (ConfigError, ChecksumError, CheckpointError, ScenarioError, SplitError, ExplainError) as exc:
         print(f"classlab {args.stage}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -366,6 +366,8 @@ def validate_config(config: dict) -> dict:
         problems += _validate_discovery(config)
     if "distill" in config["families"]:
         problems += _validate_teacher(config["families"]["distill"]["teacher"])
+    if "explain" in config["families"]:
+        problems += _validate_explain(config)
     for family, spec in config["families"].items():
         known = list_methods(family)
         spec.setdefault("overrides", {})
@@ -487,6 +489,61 @@ def _validate_incremental(config: dict) -> list[str]:
         if "memory_size" in hp and isinstance(hp["memory_size"], int) and hp["memory_size"] < largest:
             problems.append(f"config key families.incremental.overrides.{method}.memory_size: {hp['memory_size']} "
                             f"is below one exemplar per class ({largest} classes)")
+    return problems
+
+
+def _validate_explain(config: dict) -> list[str]:
+    """Scene datasets, each model's layers (against its backbone's stage names; a dotted submodule
+    name is checked when the job runs), its training method or checkpoint pattern, readouts and the
+    methods that need them. Fills the schema's defaults. Imports neither torch nor a method module."""
+    from classlab.backbone_specs import check_backbone_kwargs, stage_names
+    from classlab.data.registry import DATASETS
+
+    spec = config["families"]["explain"]
+    for key, default in (("overrides", {}), ("probe_overrides", {}), ("images", 200), ("image_seed", 0),
+                         ("randomisation_images", 50), ("perturbation_steps", 20), ("tolerance", 0)):
+        spec.setdefault(key, default)
+    problems = []
+    for i, dataset in enumerate(spec["datasets"]):
+        if dataset not in DATASETS:
+            problems.append(f"config key families.explain.datasets[{i}]: unknown dataset {dataset!r}; known: "
+                            f"{sorted(DATASETS)}")
+        elif not dataset.endswith("_scenes"):
+            problems.append(f"config key families.explain.datasets[{i}]: {dataset!r} has no boxes; explain needs a "
+                            f"scenes dataset ({sorted(d for d in DATASETS if d.endswith('_scenes'))})")
+    for name, model in spec["models"].items():
+        key = f"families.explain.models.{name}"
+        model.setdefault("backbone_kwargs", {})
+        model.setdefault("method", "erm")
+        model.setdefault("overrides", {})
+        model.setdefault("readouts", [])
+        try:
+            check_backbone_kwargs(model["backbone"], model["backbone_kwargs"])
+        except ValueError as exc:
+            problems.append(f"config key {key}.backbone_kwargs: {exc}")
+            continue
+        valid = stage_names(model["backbone"], model["backbone_kwargs"])
+        for j, layer in enumerate(model["layers"]):
+            if layer not in valid and "." not in layer:
+                problems.append(f"config key {key}.layers[{j}]: {model['backbone']} has no layer {layer!r}; its layers: "
+                                f"{valid} (or a dotted submodule name such as backbone.features.3)")
+        if "checkpoint" in model:
+            if "{seed}" not in model["checkpoint"]:
+                problems.append(f"config key {key}.checkpoint: the path needs a {{seed}} field (one model per seed)")
+            if model["readouts"]:
+                problems.append(f"config key {key}.readouts: readouts train on a scene-trained model, not on a "
+                                f"checkpoint of another family")
+        else:
+            problems += _check_method("supervised", model["method"], model["overrides"], f"{key}.overrides")
+        if "promptcam" in model["readouts"] and model["backbone"] != "vit_tiny":
+            problems.append(f"config key {key}.readouts: promptcam needs a ViT (backbone vit_tiny), not "
+                            f"{model['backbone']}")
+    if "promptcam" in spec["methods"] and not any("promptcam" in m["readouts"] for m in spec["models"].values()):
+        problems.append("config key families.explain.methods: promptcam explains its own trained readout; add "
+                        "`readouts: [promptcam]` to a vit_tiny model")
+    if any("linear_probe" in m["readouts"] for m in spec["models"].values()):
+        problems += _check_method("supervised", "linear_probe", spec["probe_overrides"],
+                                  "families.explain.probe_overrides")
     return problems
 
 

@@ -27,8 +27,14 @@ def _alternatives(values):
 
 
 DISCOVERY = FAMILIES.get("discovery", {})
-# datasets a discovery split names for itself (tabular NCD on digits, mnist1d) join the data rules
-ALL_DATASETS = sorted(set(DATASETS) | {d for s in DISCOVERY.get("splits", {}).values() for d in s.get("datasets", [])})
+EXPLAIN = FAMILIES.get("explain", {})
+# datasets a discovery split names for itself (tabular NCD on digits, mnist1d) and the explain family's
+# scene datasets join the data rules
+ALL_DATASETS = sorted(
+    set(DATASETS)
+    | {d for s in DISCOVERY.get("splits", {}).values() for d in s.get("datasets", [])}
+    | set(EXPLAIN.get("datasets", []))
+)
 
 
 wildcard_constraints:
@@ -68,9 +74,9 @@ def mirror_option(wildcards):
 
 def scene_base(dataset):
     """The registry dataset a scene dataset is built from (None for any other dataset)."""
-    from classlab.data.registry import get_dataset
+    from classlab.data.registry import SCENE_BASES
 
-    return get_dataset(dataset).scene_base
+    return SCENE_BASES.get(dataset)
 
 
 def scene_recipe_option(wildcards):
@@ -98,6 +104,8 @@ def all_targets():
     if "incremental" in FAMILIES:
         targets += ["results/tables/incremental/summary.md", "results/tables/incremental/summary.csv"]
         targets += incremental_figure_targets()
+    if "explain" in FAMILIES:
+        targets += explain_targets()
     if "discovery" in FAMILIES:
         targets += ["results/tables/discovery/summary.md", "results/tables/discovery/summary.csv"]
         targets += expand("results/figures/discovery/{name}.png", name=DISCOVERY_FIGURES)
@@ -436,3 +444,116 @@ def discovery_figure_predictions(wildcards):
     """The first seed of every run group: the projections and confusions show one seed each."""
     first = f"seed{SEEDS[0]}/"
     return [p for p in discovery_runs("predictions.npz") if first in p]
+
+
+# --- family `explain`: scene models, readouts and saliency jobs --------------------------------------
+
+EXPLAIN_MODELS = EXPLAIN.get("models", {})
+EXPLAIN_METHODS = EXPLAIN.get("methods", [])
+EXPLAIN_READOUTS = ["promptcam", "linear_probe"]
+
+
+def explain_model_checkpoint(dataset, model, seed):
+    spec = EXPLAIN_MODELS[model]
+    if "checkpoint" in spec:
+        return spec["checkpoint"].format(dataset=scene_base(dataset), seed=seed)
+    return f"results/checkpoints/explain/{dataset}/{model}/seed{seed}/model.pt"
+
+
+def explain_checkpoint(wildcards):
+    """The checkpoint a saliency job explains: the model's, or its Prompt-CAM readout's."""
+    if wildcards.xmethod == "promptcam":
+        return ancient(f"results/checkpoints/explain/{wildcards.dataset}/{wildcards.xmodel}/promptcam/seed{wildcards.seed}/model.pt")
+    return ancient(explain_model_checkpoint(wildcards.dataset, wildcards.xmodel, wildcards.seed))
+
+
+def explain_runs_of(model):
+    """The saliency methods run on ``model``: promptcam only where the model has that readout."""
+    readouts = EXPLAIN_MODELS[model].get("readouts", [])
+    return [m for m in EXPLAIN_METHODS if m != "promptcam" or "promptcam" in readouts]
+
+
+def explain_files(name):
+    return [
+        f"results/explain/{d}/{model}/{method}/seed{s}/{name}"
+        for d in EXPLAIN.get("datasets", [])
+        for model in EXPLAIN_MODELS
+        for method in explain_runs_of(model)
+        for s in SEEDS
+    ]
+
+
+def explain_accuracy_files():
+    """metrics.json of each scene-trained model and readout (test accuracy on the scenes)."""
+    out = []
+    for d in EXPLAIN.get("datasets", []):
+        for model, spec in EXPLAIN_MODELS.items():
+            for run in ["model"] * ("checkpoint" not in spec) + list(spec.get("readouts", [])):
+                out += [f"results/eval/explain/{d}/{model}/{run}/seed{s}/metrics.json" for s in SEEDS]
+    return out
+
+
+def explain_targets():
+    targets = ["results/tables/explain/summary.md", "results/tables/explain/summary.csv"]
+    for d in EXPLAIN.get("datasets", []):
+        for model in EXPLAIN_MODELS:
+            targets += [
+                f"results/figures/explain/{d}/{model}/saliency_maps.png",
+                f"results/figures/explain/{d}/{model}/randomisation.png",
+            ]
+    return targets
+
+
+def scene_model_params(wildcards):
+    spec = EXPLAIN_MODELS[wildcards.xmodel]
+    overrides = {"init": "scratch", **spec.get("overrides", {})}
+    return {
+        "method": spec.get("method", "erm"),
+        "backbone": spec["backbone"],
+        "overrides": json.dumps(overrides, sort_keys=True),
+        "backbone_kwargs": json.dumps(spec.get("backbone_kwargs", {}), sort_keys=True),
+    }
+
+
+def readout_params(wildcards):
+    spec = EXPLAIN_MODELS[wildcards.xmodel]
+    if wildcards.readout == "promptcam":
+        family, overrides = "explain", EXPLAIN.get("overrides", {}).get("promptcam", {})
+    else:  # a fresh head on the frozen backbone: the probe is not the model's own head
+        family, overrides = "supervised", {"head_init": "fresh", **EXPLAIN.get("probe_overrides", {})}
+    return {
+        "family": family,
+        "backbone": spec["backbone"],
+        "overrides": json.dumps(overrides, sort_keys=True),
+        "backbone_kwargs": json.dumps(spec.get("backbone_kwargs", {}), sort_keys=True),
+    }
+
+
+def explain_eval_checkpoint(wildcards):
+    if wildcards.xrun == "model":
+        return ancient(f"results/checkpoints/explain/{wildcards.dataset}/{wildcards.xmodel}/seed{wildcards.seed}/model.pt")
+    return ancient(f"results/checkpoints/explain/{wildcards.dataset}/{wildcards.xmodel}/{wildcards.xrun}/seed{wildcards.seed}/model.pt")
+
+
+def saliency_params(wildcards):
+    spec = EXPLAIN_MODELS[wildcards.xmodel]
+    return {
+        "layers": ",".join(spec["layers"]),
+        "overrides": json.dumps(EXPLAIN.get("overrides", {}).get(wildcards.xmethod, {}), sort_keys=True),
+        "options": (
+            f"--images {EXPLAIN.get('images', 200)} --image-seed {EXPLAIN.get('image_seed', 0)} "
+            f"--randomisation-images {EXPLAIN.get('randomisation_images', 50)} "
+            f"--perturbation-steps {EXPLAIN.get('perturbation_steps', 20)}"
+        ),
+    }
+
+
+def explain_figure_inputs(wildcards):
+    model = wildcards.xmodel
+    first = SEEDS[0]
+    methods = explain_runs_of(model)
+    base = f"results/explain/{wildcards.dataset}/{model}"
+    return {
+        "maps": [f"{base}/{m}/seed{first}/maps.npz" for m in methods],
+        "metrics": [f"{base}/{m}/seed{s}/metrics.json" for m in methods for s in SEEDS],
+    }

@@ -330,6 +330,11 @@ def _scene_spec(name: str, base: DatasetSpec, defaults: dict) -> DatasetSpec:
                        base.materialize, scene_base=base.name, scene_defaults=dict(defaults))
 
 
+# scene dataset -> the dataset it is built from, readable without building a spec (building one
+# imports torch; the workflow asks this while it builds the DAG)
+SCENE_BASES = {"fashion_mnist_scenes": "fashion_mnist", "digits_scenes": "digits", "mnist_scenes": "mnist"}
+
+
 # defaults sized for CPU; digits has 1,437 train and 360 test images, so its scenes reuse sources
 @register_dataset("fashion_mnist_scenes")
 def fashion_mnist_scenes() -> DatasetSpec:
