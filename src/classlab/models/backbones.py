@@ -202,9 +202,12 @@ def layer_names(model: Classifier) -> list[str]:
 def intermediates(model: Classifier, x: torch.Tensor, names) -> dict[str, torch.Tensor]:
     """The outputs named in ``names`` of one forward pass of ``model`` on ``x``.
 
-    Names come from ``layer_names(model)`` or are submodule names of ``model``. The tensors
-    stay in the autograd graph (gradients flow to them, as Grad-CAM needs) unless the caller
-    runs under ``torch.no_grad()``; mode and device are the caller's.
+    Names come from ``layer_names(model)`` or are submodule names of ``model``. Hooked outputs
+    (ConvNet stages, submodule names) stay in the autograd graph unless the caller runs under
+    ``torch.no_grad()``; the stages read through timm's ``forward_intermediates`` (ResNet, ViT)
+    are reshaped copies off the path to the logits, so gradients do not reach them: saliency
+    methods hook the stage's module instead (``classlab.methods.saliency_method.stage_modules``).
+    Mode and device are the caller's.
     """
     names = list(dict.fromkeys(names))
     stages = _stages(model)
