@@ -177,3 +177,23 @@ def test_intermediates_stay_in_the_graph_for_gradient_saliency():
 def test_unknown_layer_names_are_refused_with_the_known_ones():
     with pytest.raises(KeyError, match="block0"):
         intermediates(_model("convnet"), torch.randn(1, 1, 28, 28), ["layer9"])
+
+
+def test_train_accuracy_counts_only_labelled_rows():
+    """A method whose logits predict every labelled row right: train_acc must be 1 however many rows
+    carry no label (y = -1, as discovery's unlabelled pool)."""
+    from classlab.engine.trainer import TrainConfig, Trainer
+    from classlab.methods.base import Method
+
+    class Oracle(Method):
+        def training_step(self, batch):
+            logits = torch.nn.functional.one_hot(batch["y"].clamp(min=0), 3).float()
+            return (self.model(batch["x"]) ** 2).mean(), {"logits": logits}
+
+    method = Oracle(nn.Linear(2, 1), {"lr": 0.1, "optimizer": "sgd"}, 3)
+    x = torch.randn(12, 2)
+    y = torch.tensor([0, 1, 2, -1, -1, -1, 0, 1, 2, -1, -1, -1])
+    trainer = Trainer(method, TrainConfig(batch_size=6, schedule="constant", warmup_frac=0.0), torch.device("cpu"),
+                      0, None, progress=False)
+    history = trainer.fit(trainer.make_loader(x, y, None, None))
+    assert history[-1]["train_acc"] == 1.0  # 6 labelled rows, all right; the 6 unlabelled ones ignored

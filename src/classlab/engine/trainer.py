@@ -171,10 +171,14 @@ class Trainer:
             loss_sum = torch.zeros((), device=self.device)
             correct = torch.zeros((), device=self.device)
             seen = torch.zeros((), dtype=torch.long)
+            labelled = torch.zeros((), dtype=torch.long)  # rows with a label (discovery hides some: y = -1)
             first = 0
             if resumed is not None and epoch == start_epoch and start_batch:
                 # mid-epoch resume: the RNG and the running sums continue where they were saved
-                loss_sum, correct, seen = (t.to(d) for t, d in zip(resumed["sums"], (self.device, self.device, "cpu")))
+                sums = list(resumed["sums"])
+                if len(sums) == 3:  # saved before unlabelled rows were counted apart: every row had a label
+                    sums.append(sums[2].clone())
+                loss_sum, correct, seen, labelled = (t.to(d) for t, d in zip(sums, (self.device, self.device, "cpu", "cpu")))
                 torch.set_rng_state(resumed["rng"])
                 if "cuda_rng" in resumed and self.device.type == "cuda":
                     torch.cuda.set_rng_state(resumed["cuda_rng"], self.device)
@@ -205,7 +209,9 @@ class Trainer:
                 n = batch["y"].shape[0]
                 loss_sum += loss.detach().float() * n
                 if "logits" in logs and logs["logits"].shape[:1] == batch["y"].shape[:1] and batch["y"].dim() == 1:
-                    correct += (logs["logits"].argmax(1) == batch["y"]).sum()
+                    known = batch["y"] >= 0  # an unlabelled row (y = -1) is neither right nor wrong
+                    correct += (logs["logits"].argmax(1) == batch["y"])[known].sum()
+                    labelled += int(known.sum())
                 seen += n
                 if on_step is not None:
                     on_step(step + 1, int(seen))
@@ -213,19 +219,22 @@ class Trainer:
                 due = (self.every_steps and (i + 1) % self.every_steps == 0) or \
                       (self.every_minutes and time.monotonic() - last_save >= 60 * self.every_minutes)
                 if self.checkpoint is not None and due and i + 1 < batches_per_epoch:
-                    self._save(optimizer, epoch, i + 1, (loss_sum, correct, seen), time.perf_counter() - t0)
+                    self._save(optimizer, epoch, i + 1, (loss_sum, correct, seen, labelled), time.perf_counter() - t0)
                     last_save = time.monotonic()
             method.on_epoch_end(epoch)
             maybe_kill("epoch")
             seconds = time.perf_counter() - t0
             count = max(int(seen), 1)
-            row = {"epoch": epoch + 1, "loss": float(loss_sum) / count, "train_acc": float(correct) / count,
+            # accuracy over the labelled rows; None where no step reported logits for a labelled row
+            train_acc = float(correct) / int(labelled) if int(labelled) else None
+            row = {"epoch": epoch + 1, "loss": float(loss_sum) / count, "train_acc": train_acc,
                    "seconds": seconds, "images_per_s": int(seen) / max(seconds, 1e-9)}
             self.history.append(row)
-            print(f"epoch {epoch + 1}: loss {row['loss']:.4f} train_acc {row['train_acc']:.4f} "
+            acc_text = "n/a" if train_acc is None else f"{train_acc:.4f}"
+            print(f"epoch {epoch + 1}: loss {row['loss']:.4f} train_acc {acc_text} "
                   f"{row['images_per_s']:.0f} img/s", file=sys.stderr, flush=True)
             if self.checkpoint is not None:
-                self._save(optimizer, epoch + 1, 0, (loss_sum, correct, seen), 0.0)
+                self._save(optimizer, epoch + 1, 0, (loss_sum, correct, seen, labelled), 0.0)
                 last_save = time.monotonic()
         self.steps_done = cfg.epochs * steps_per_epoch
         return self.history
