@@ -122,3 +122,20 @@ def test_a_dataset_without_boxes_is_refused(scene_model, tmp_path):
     with pytest.raises(ExplainError, match="no boxes"):
         run_explain(checkpoint, plain, "gradcam", ["block0"], tmp_path / "out", n_images=4)
     assert not (tmp_path / "out").exists()
+
+
+def test_summary_counts_seeds_not_rows(tmp_path):
+    """Prompt-CAM contributes a maps row and an accuracy row per seed; the table says 2 seeds, not 4."""
+    import pandas as pd
+
+    from classlab.report.explain import write_tables
+
+    rows = []
+    for seed in (0, 1):
+        base = {"dataset": "d", "backbone": "vit_tiny", "scenario": "vit", "method": "promptcam", "seed": seed,
+                "init_kind": "trained"}
+        rows += [{**base, "pointing": 0.5 + seed / 10}, {**base, "accuracy": 0.6}]
+    out = tmp_path / "t"
+    summary = write_tables(pd.DataFrame(rows), out / "runs.csv", out / "s.csv", out / "s.md", out / "c.csv", 0)
+    assert summary.seeds.tolist() == [2]
+    assert summary.pointing_mean.tolist() == pytest.approx([0.55])
