@@ -60,7 +60,7 @@ run: setup
 	@echo "report: $(CURDIR)/results/report.html (opens on the claims' verdicts across families)"
 
 test: setup
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
 lint: setup
 	$(SNAKEMAKE) --lint

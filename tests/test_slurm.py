@@ -28,7 +28,11 @@ def test_smoke_run_on_slurm(cluster, tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("CLASSLAB_SLURM_GPUS", "0")  # the test node has no GPU; real clusters keep 1
     monkeypatch.setenv("CLASSLAB_SLURM_PARTITION", "debug")
-    args = ["--configfile", "config/smoke.yaml", "--workflow-profile", "workflow/profiles/slurm"]
+    # one seed of the smoke config: every rule still goes through the executor once per run, at half
+    # the jobs (the suite's time budget; the local smoke run covers the second seed)
+    (work / "one_seed.yaml").write_text("seeds: [0]\n")
+    configs = ["--configfile", "config/smoke.yaml", "one_seed.yaml"]
+    args = [*configs, "--workflow-profile", "workflow/profiles/slurm"]
     proc = snakemake(work, *args, "--slurm-status-command", "squeue",
                      "--slurm-init-seconds-before-status-checks", "1", "--latency-wait", "5", timeout=1200)
     log = proc.stdout + proc.stderr
@@ -36,13 +40,13 @@ def test_smoke_run_on_slurm(cluster, tmp_path, monkeypatch):
     remote = {line[len("rule "):].rstrip(":") for line in log.splitlines() if line.startswith("rule ")}
     local = {line[len("localrule "):].rstrip(":") for line in log.splitlines() if line.startswith("localrule ")}
     assert {"pretrain_backbone", "train_classifier", "evaluate_classifier", "pretrain_known",
-            "train_discovery"} <= remote, remote
+            "train_discovery", "compute_saliency"} <= remote, remote
     assert {"download_dataset", "aggregate_classifiers", "plot_classifiers", "build_discovery_split",
-            "aggregate_discovery", "plot_discovery"} <= local, local
+            "aggregate_discovery", "plot_discovery", "evaluate_saliency", "aggregate_explain"} <= local, local
     assert log.count("has been submitted with SLURM jobid") == len(
         [l for l in log.splitlines() if l.startswith("rule ")])
     summary = pd.read_csv(work / "results/tables/supervised/summary.csv")
     assert set(summary.method) == {"erm", "linear_probe", "ps_kd", "erm_simclr"}
     snakemake(work, *args, "--report", "results/report.html")
     assert (work / "results/report.html").stat().st_size > 100_000
-    assert planned_jobs(work, "--configfile", "config/smoke.yaml") == 0
+    assert planned_jobs(work, *configs) == 0

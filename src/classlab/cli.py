@@ -323,6 +323,15 @@ def _add_run_options(p, init_help: str, init_required: bool = False) -> None:
     _add_execution_options(p)
 
 
+def _add_table_outputs(p) -> None:
+    """What every aggregate command writes: per-run rows, the summary (CSV and markdown), the claims."""
+    p.add_argument("--runs-csv", required=True)
+    p.add_argument("--summary-csv", required=True)
+    p.add_argument("--summary-md", required=True)
+    p.add_argument("--claims-csv", required=True)
+    p.add_argument("--claims-dir", default=None, help="directory of <family>.yaml claims (default: config/claims)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="classlab", description=__doc__)
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -367,11 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("aggregate", help="tables and claims of one family")
     p.add_argument("--family", required=True)
     p.add_argument("--metrics", nargs="+", required=True)
-    p.add_argument("--runs-csv", required=True)
-    p.add_argument("--summary-csv", required=True)
-    p.add_argument("--summary-md", required=True)
-    p.add_argument("--claims-csv", required=True)
-    p.add_argument("--claims-dir", default=None, help="directory of <family>.yaml claims (default: config/claims)")
+    _add_table_outputs(p)
     p.set_defaults(func=_aggregate)
 
     p = sub.add_parser("merge-claims", help="one claims table from every family's, and the report's first screen")
@@ -428,11 +433,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("aggregate-incremental", help="tables and claims of the incremental family")
     p.add_argument("--metrics", nargs="+", required=True)
-    p.add_argument("--runs-csv", required=True)
-    p.add_argument("--summary-csv", required=True)
-    p.add_argument("--summary-md", required=True)
-    p.add_argument("--claims-csv", required=True)
-    p.add_argument("--claims-dir", default=None, help="directory of <family>.yaml claims (default: config/claims)")
+    _add_table_outputs(p)
     p.set_defaults(func=_aggregate_incremental)
 
     p = sub.add_parser("figures-incremental", help="accuracy curves and accuracy-matrix heat maps")
@@ -461,11 +462,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("aggregate-discovery", help="tables and claims of the discovery family")
     p.add_argument("--metrics", nargs="+", required=True)
-    p.add_argument("--runs-csv", required=True)
-    p.add_argument("--summary-csv", required=True)
-    p.add_argument("--summary-md", required=True)
-    p.add_argument("--claims-csv", required=True)
-    p.add_argument("--claims-dir", default=None, help="directory of <family>.yaml claims (default: config/claims)")
+    _add_table_outputs(p)
     p.set_defaults(func=_aggregate_discovery)
 
     p = sub.add_parser("figures-discovery", help="accuracy bars, 2-D projections, confusions, stage and query curves")
@@ -500,11 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics", nargs="+", required=True)
     p.add_argument("--accuracy", nargs="*", default=[])
     p.add_argument("--tolerance", type=int, default=0)
-    p.add_argument("--runs-csv", required=True)
-    p.add_argument("--summary-csv", required=True)
-    p.add_argument("--summary-md", required=True)
-    p.add_argument("--claims-csv", required=True)
-    p.add_argument("--claims-dir", default=None, help="directory of <family>.yaml claims (default: config/claims)")
+    _add_table_outputs(p)
     p.set_defaults(func=_aggregate_explain)
 
     p = sub.add_parser("figures-explain", help="the map grid and the randomisation curves of one model")

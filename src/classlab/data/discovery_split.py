@@ -107,6 +107,18 @@ def _sorted_list(indices) -> list[int]:
     return sorted(int(i) for i in indices)
 
 
+def checked_common_fields(dataset, num_classes, seed, train_labels, test_labels):
+    """The fields every split kind shares, validated: (num_classes, seed, train, test labels)."""
+    check_field(isinstance(dataset, str) and dataset != "", "dataset", f"must be a non-empty name, got {dataset!r}")
+    num_classes = as_int(num_classes, "num_classes")
+    check_field(num_classes >= 2, "num_classes", f"discovery needs at least 2 classes, got {num_classes}")
+    seed = as_int(seed, "seed")
+    check_field(seed >= 0, "seed", f"must be >= 0, got {seed}")
+    train = as_labels(train_labels, "train_labels", num_classes)
+    test = None if test_labels is None else as_labels(test_labels, "test_labels", num_classes)
+    return num_classes, seed, train, test
+
+
 def build_discovery_split(kind: str, dataset: str, train_labels: np.ndarray, num_classes: int, seed: int, *,
                           test_labels: np.ndarray | None = None,
                           num_novel: int | None = None,
@@ -140,13 +152,7 @@ def build_discovery_split(kind: str, dataset: str, train_labels: np.ndarray, num
         return importlib.import_module(EXTERNAL_KINDS[kind]).build_split(
             dataset, train_labels, num_classes, seed, test_labels=test_labels, **extra)
     check_field(not extra, next(iter(extra), "params"), f"does not apply to kind {kind!r}")
-    check_field(isinstance(dataset, str) and dataset != "", "dataset", f"must be a non-empty name, got {dataset!r}")
-    num_classes = as_int(num_classes, "num_classes")
-    check_field(num_classes >= 2, "num_classes", f"discovery needs at least 2 classes, got {num_classes}")
-    seed = as_int(seed, "seed")
-    check_field(seed >= 0, "seed", f"must be >= 0, got {seed}")
-    train = as_labels(train_labels, "train_labels", num_classes)
-    test = None if test_labels is None else as_labels(test_labels, "test_labels", num_classes)
+    num_classes, seed, train, test = checked_common_fields(dataset, num_classes, seed, train_labels, test_labels)
 
     num_novel = num_classes // 2 if num_novel is None else as_int(num_novel, "num_novel")
     check_field(num_novel >= 1, "num_novel", f"needs at least 1 novel class, got {num_novel}")

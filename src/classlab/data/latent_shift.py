@@ -51,7 +51,8 @@ import numbers
 
 import numpy as np
 
-from classlab.data.discovery_split import SplitError, as_float, as_int, as_labels, check_field, fail_field
+from classlab.data.discovery_split import (SplitError, as_float, as_int, check_field,
+                                          checked_common_fields, fail_field)
 
 KIND = "latent_shift"
 _PRIORS, _TRAIN_POOL, _TEST_POOL = 11, 12, 13
@@ -136,13 +137,7 @@ def build_split(dataset: str, train_labels, num_classes: int, seed: int, *, test
         name = next(iter(unknown))
         fail_field(name, f"does not apply to kind {KIND!r} (its parameters: num_domains, classes, samples_per_domain, "
                     f"concentration, max_condition_number, test_samples_per_domain)")
-    check_field(isinstance(dataset, str) and dataset != "", "dataset", f"must be a non-empty name, got {dataset!r}")
-    num_classes = as_int(num_classes, "num_classes")
-    check_field(num_classes >= 2, "num_classes", f"discovery needs at least 2 classes, got {num_classes}")
-    seed = as_int(seed, "seed")
-    check_field(seed >= 0, "seed", f"must be >= 0, got {seed}")
-    train = as_labels(train_labels, "train_labels", num_classes)
-    test = None if test_labels is None else as_labels(test_labels, "test_labels", num_classes)
+    num_classes, seed, train, test = checked_common_fields(dataset, num_classes, seed, train_labels, test_labels)
 
     if classes is None:
         used = list(range(num_classes))

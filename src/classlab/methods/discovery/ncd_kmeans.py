@@ -96,8 +96,10 @@ def class_means(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.stack([np.asarray(features)[labels == c].mean(0) for c in range(int(labels.max()) + 1)])
 
 
-@register_method("discovery", "ncd_kmeans")
-class NCDKMeans(DiscoveryLearner):
+class FixedSpaceNCD(DiscoveryLearner):
+    """The untrained NCD learners' common part: they cluster in the input space or the backbone's
+    feature space (``space``), optionally L2-normalised, into the novel clusters left beside the
+    known classes."""
     trains = False
     num_views = 1
     augment = False
@@ -106,7 +108,24 @@ class NCDKMeans(DiscoveryLearner):
         super().__init__(model, hparams, num_classes)
         self.space = str(self.hparams.get("space", "input"))
         if self.space not in SPACES:
-            raise ValueError(f"ncd_kmeans: space must be one of {list(SPACES)}, got {self.space!r}")
+            raise ValueError(f"{self.name}: space must be one of {list(SPACES)}, got {self.space!r}")
+
+    def features(self, x):
+        f = x.flatten(1).float() if self.space == "input" else self.model.features(x)
+        return F.normalize(f, dim=1) if self.hparams.get("normalize", False) else f
+
+    def novel_cluster_count(self) -> int:
+        k_novel = int(self.task_info.num_clusters) - int(self.task_info.num_label_indices)
+        if k_novel < 1:
+            raise ValueError(f"{self.name}: num_clusters {self.task_info.num_clusters} leaves no novel cluster beside "
+                             f"{self.task_info.num_label_indices} known classes")
+        return k_novel
+
+
+@register_method("discovery", "ncd_kmeans")
+class NCDKMeans(FixedSpaceNCD):
+    def __init__(self, model, hparams, num_classes):
+        super().__init__(model, hparams, num_classes)
         self.register_buffer("centres", torch.zeros(0))  # [k_novel, d], sized by end_task (and on load)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -115,15 +134,8 @@ class NCDKMeans(DiscoveryLearner):
             self.centres = torch.zeros_like(saved, device=self.centres.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def features(self, x):
-        f = x.flatten(1).float() if self.space == "input" else self.model.features(x)
-        return F.normalize(f, dim=1) if self.hparams.get("normalize", False) else f
-
     def end_task(self, task_id, context):
-        k_novel = int(self.task_info.num_clusters) - int(self.task_info.num_label_indices)
-        if k_novel < 1:
-            raise ValueError(f"ncd_kmeans: num_clusters {self.task_info.num_clusters} leaves no novel cluster beside "
-                             f"{self.task_info.num_label_indices} known classes")
+        k_novel = self.novel_cluster_count()
         labels = as_numpy(context.visible_labels[context.labelled])
         known = class_means(as_numpy(context.embed(context.labelled)), labels) if len(labels) else None
         unlab = as_numpy(context.embed(context.unlabelled))

@@ -35,10 +35,9 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from classlab.methods.discovery.ncd_kmeans import SPACES, class_means, ncd_kmeans
-from classlab.methods.discovery_learner import DiscoveryLearner, as_numpy, squared_distances
+from classlab.methods.discovery.ncd_kmeans import FixedSpaceNCD, class_means, ncd_kmeans
+from classlab.methods.discovery_learner import as_numpy, squared_distances
 from classlab.methods.registry import register_method
 
 
@@ -135,27 +134,13 @@ class PoolNeighbours(torch.nn.Module):
 
 
 @register_method("discovery", "ncd_spectral")
-class NCDSpectral(DiscoveryLearner):
-    trains = False
-    num_views = 1
-    augment = False
-
+class NCDSpectral(FixedSpaceNCD):
     def __init__(self, model, hparams, num_classes):
         super().__init__(model, hparams, num_classes)
-        self.space = str(self.hparams.get("space", "input"))
-        if self.space not in SPACES:
-            raise ValueError(f"ncd_spectral: space must be one of {list(SPACES)}, got {self.space!r}")
         self.pool = PoolNeighbours()
 
-    def features(self, x):
-        f = x.flatten(1).float() if self.space == "input" else self.model.features(x)
-        return F.normalize(f, dim=1) if self.hparams.get("normalize", False) else f
-
     def end_task(self, task_id, context):
-        k_novel = int(self.task_info.num_clusters) - int(self.task_info.num_label_indices)
-        if k_novel < 1:
-            raise ValueError(f"ncd_spectral: num_clusters {self.task_info.num_clusters} leaves no novel cluster beside "
-                             f"{self.task_info.num_label_indices} known classes")
+        k_novel = self.novel_cluster_count()
         unlab = context.embed(context.unlabelled)
         assign = ncd_spectral_clustering(as_numpy(context.embed(context.labelled)),
                                          as_numpy(context.visible_labels[context.labelled]), as_numpy(unlab), k_novel,
