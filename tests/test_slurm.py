@@ -32,7 +32,8 @@ def test_smoke_run_on_slurm(cluster, tmp_path, monkeypatch):
     # the jobs (the suite's time budget; the local smoke run covers the second seed)
     (work / "one_seed.yaml").write_text("seeds: [0]\n")
     configs = ["--configfile", "config/smoke.yaml", "one_seed.yaml"]
-    args = [*configs, "--workflow-profile", "workflow/profiles/slurm"]
+    # one CPU per job (as the local smoke run), so the 2-CPU test node runs two jobs at a time
+    args = [*configs, "--workflow-profile", "workflow/profiles/slurm", "--max-threads", "1"]
     proc = snakemake(work, *args, "--slurm-status-command", "squeue",
                      "--slurm-init-seconds-before-status-checks", "1", "--latency-wait", "5", timeout=1200)
     log = proc.stdout + proc.stderr
