@@ -53,16 +53,16 @@ def planned_jobs(workdir: Path, *args: str) -> int:
                if line.startswith("rule ") or line.startswith("localrule "))
 
 
-SMOKE_CORES = ("-c2", "--max-threads", "1")
+# one thread per job: 2 cores (or a 2-CPU SLURM node) run two smoke jobs at a time; the smoke jobs are
+# seconds of interpreter start-up and tiny tensors, which a second core serves better as a second job
+ONE_THREAD_PER_JOB = ("--max-threads", "1")
 
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Path:
     """The smoke config run once, end to end, in a scratch copy; tests read (not modify) it."""
     work = copy_repo(tmp_path_factory.mktemp("smoke") / "repo")
-    # one thread per job, two jobs at a time: the smoke jobs are seconds of interpreter start-up
-    # and tiny tensors, which a second core serves better as a second job than as a second thread
-    snakemake(work, *SMOKE_CORES, "--configfile", "config/smoke.yaml")
+    snakemake(work, "-c2", *ONE_THREAD_PER_JOB, "--configfile", "config/smoke.yaml")
     return work
 
 

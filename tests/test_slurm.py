@@ -4,7 +4,7 @@ import os
 import pandas as pd
 import pytest
 
-from tests.conftest import copy_repo, planned_jobs, require_system_dependency, snakemake
+from tests.conftest import ONE_THREAD_PER_JOB, copy_repo, planned_jobs, require_system_dependency, snakemake
 from tests.slurm_cluster import LocalSlurm, missing_requirements
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -32,8 +32,7 @@ def test_smoke_run_on_slurm(cluster, tmp_path, monkeypatch):
     # the jobs (the suite's time budget; the local smoke run covers the second seed)
     (work / "one_seed.yaml").write_text("seeds: [0]\n")
     configs = ["--configfile", "config/smoke.yaml", "one_seed.yaml"]
-    # one CPU per job (as the local smoke run), so the 2-CPU test node runs two jobs at a time
-    args = [*configs, "--workflow-profile", "workflow/profiles/slurm", "--max-threads", "1"]
+    args = [*configs, "--workflow-profile", "workflow/profiles/slurm", *ONE_THREAD_PER_JOB]
     proc = snakemake(work, *args, "--slurm-status-command", "squeue",
                      "--slurm-init-seconds-before-status-checks", "1", "--latency-wait", "5", timeout=1200)
     log = proc.stdout + proc.stderr

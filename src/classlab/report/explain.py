@@ -130,10 +130,8 @@ def markdown(summary: pd.DataFrame, tolerance: int) -> str:
 
 def write_tables(runs: pd.DataFrame, runs_csv: Path, summary_csv: Path, summary_md: Path, claims_csv: Path,
                  tolerance: int) -> pd.DataFrame:
+    # (Prompt-CAM has a maps row and an accuracy row per seed; the summary counts seeds, not rows)
     summary = summarize_protocol_runs(runs, KEYS, SCALARS, lambda kinds: "trained")
-    # Prompt-CAM has a maps row and an accuracy row per seed: count seeds, not rows
-    seeds = runs.groupby(KEYS, sort=True).seed.nunique().reset_index(name="n")
-    summary = summary.merge(seeds, on=KEYS, how="left").assign(seeds=lambda t: t.n).drop(columns="n")
     write_table_set(runs, summary, markdown(summary, tolerance), runs_csv, summary_csv, summary_md)
     claims = evaluate_claims(runs, "explain", group_by=("dataset", "scenario"))
     from classlab.io import write_text

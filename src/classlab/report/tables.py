@@ -63,7 +63,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     out = grouped[columns].agg(["mean", "std"])
     out.columns = [f"{m}_{s}" for m, s in out.columns]
     out = out.fillna({f"{m}_std": 0.0 for m in SCALARS})
-    out["seeds"] = grouped.size()
+    out["seeds"] = grouped["seed"].nunique()  # seeds, not rows: a run may add several rows per seed
     return out.reset_index()
 
 
@@ -141,6 +141,6 @@ def summarize_protocol_runs(runs: pd.DataFrame, keys: list[str], scalars, descri
     grouped = runs.groupby(keys, sort=True)
     out = grouped[cols].agg(["mean", "std"])
     out.columns = [f"{m}_{s}" for m, s in out.columns]
-    out["seeds"] = grouped.size()
+    out["seeds"] = grouped["seed"].nunique()  # seeds, not rows: a run may add several rows per seed
     out["backbone_init"] = grouped["init_kind"].agg(describe_inits)
     return out.reset_index()
