@@ -4,6 +4,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= 2
+# `make run` caps each job at this many threads: on 2 cores two one-thread training jobs side by
+# side get through more images than one two-thread job (`make bench` job_threads). SLURM and other
+# profiles keep each rule's own thread count.
+THREADS_PER_JOB ?= 1
 SNAKEMAKE := $(BIN)/snakemake
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
@@ -55,7 +59,7 @@ system-deps:
 	else echo "not root with apt: skipping system packages (Fashion-MNIST mirror, SLURM)"; fi
 
 run: setup
-	$(SNAKEMAKE) --cores $(CORES) --workflow-profile workflow/profiles/default
+	$(SNAKEMAKE) --cores $(CORES) --max-threads $(THREADS_PER_JOB) --workflow-profile workflow/profiles/default
 	$(SNAKEMAKE) --cores 1 --report results/report.html --report-metadata results/report_metadata.yaml
 	@echo "report: $(CURDIR)/results/report.html (opens on the claims' verdicts across families)"
 

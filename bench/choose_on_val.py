@@ -14,6 +14,12 @@ validation split prefers) and writes them to ``results/choices/choices.jsonl``.
   incremental options first chosen on the test split, on the scenarios of
   ``config/incremental_cpu.yaml``; score: ``val_last_accuracy`` (the validation split's seen
   classes after the last task).
+- ``recipe_erm_lr``, ``noprop_lr``: the from-scratch learning rates of the recipes grid
+  (``config/recipes_cpu.yaml``'s settings: 300 images per class, 6 epochs). erm: 0.01 (its YAML,
+  a fine-tuning rate) vs 0.05 (He et al.'s from-scratch 0.1 at batch 128, scaled to batch 64; the
+  distillation students of the same grid use it); NoProp and its backprop twin
+  (which the NoProp claim compares, so they move together): AdamW at 1e-3 (the paper) vs 3e-3;
+  score: ``val_top1``.
 
 Runs are cached under ``results/choices/``: a rerun skips what is done.
 """
@@ -138,6 +144,16 @@ def main() -> None:
         return supervised_model(f"erm_head_{setting}", seed, {"head_init": setting}, "supervised", "erm", init,
                                 dag_model=default if setting == "auto" else None)
 
+    recipes = _config("recipes_cpu.yaml")["families"]["supervised"]["overrides"]
+
+    def recipe(method: str, lr: float, seed: int) -> dict:
+        return supervised_model(f"recipe_{method}_lr{lr:g}", seed, dict(recipes[method], lr=lr), "supervised", method)
+
+    def noprop_pair(setting: str, seed: int) -> dict:
+        lr = float(setting[2:])
+        return {"val_top1": recipe("noprop", lr, seed)["val_top1"],
+                "val_top1_backprop": recipe("noprop_backprop", lr, seed)["val_top1"]}
+
     choices = {
         "pretrain_epochs": lambda: compare("pretrain_epochs", "5ep", "4ep", pretrain, "val_top1"),
         "head_init": lambda: compare("head_init", "auto", "fresh", erm, "val_top1"),
@@ -153,6 +169,10 @@ def main() -> None:
             "prd_prototypes_lr", "lr0.1", "lr0.01",
             lambda s, seed: incremental_run(f"prd_{s}", seed, "b0inc2_small", "prd",
                                             {"prototypes_lr": float(s[2:])}), "val_last_accuracy"),
+        "recipe_erm_lr": lambda: compare("recipe_erm_lr", "lr0.01", "lr0.05",
+                                         lambda s, seed: recipe("erm", float(s[2:]), seed), "val_top1"),
+        "noprop_lr": lambda: (compare("noprop_lr", "lr0.001", "lr0.003", noprop_pair, "val_top1"),
+                              compare("noprop_backprop_lr", "lr0.001", "lr0.003", noprop_pair, "val_top1_backprop")),
     }
     for name, run in choices.items():
         if not ONLY or name in ONLY:

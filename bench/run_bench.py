@@ -1,16 +1,20 @@
 """`make bench`: JSON lines, each measured in this run on this machine.
 
-1. loader: training throughput (images/s) of the engine's tensor-resident loader with batched
-   augmentation against a torchvision DataLoader with per-sample PIL transforms (the same
+1. loader_throughput: training throughput (images/s) of the engine's tensor-resident loader with
+   batched augmentation against a torchvision DataLoader with per-sample PIL transforms (the same
    augmentation), on the same model, batch size, optimizer and thread count. ``ratio`` =
    engine / best baseline configuration. Also the share of step time spent outside forward
    and backward for each.
-2. noop_rerun: wall time of `snakemake -c2` on a DAG whose outputs are all up to date (the
+2. job_threads: the default ConvNet's combined training throughput of two one-thread processes
+   running side by side against one two-thread process, on the same cores. ``make run`` caps
+   each job at one thread (THREADS_PER_JOB) because this ratio is above 1 on 2 cores.
+3. noop_rerun: wall time of `snakemake -c2` on a DAG whose outputs are all up to date (the
    default config when `make run` has completed here, else the smoke config in a scratch copy).
-3. incremental_run: one class-incremental run's time per task.
-5. saliency_maps: maps per second of each explain method on the same untrained scene ConvNet and
+4. incremental_run: one class-incremental run's time per task.
+5. discovery_run: one generalized category discovery run (SimGCD), images per second.
+6. saliency_maps: maps per second of each explain method on the same untrained scene ConvNet and
    the same batch of Fashion-MNIST-sized scenes (84x84), relative to Grad-CAM's in the same run.
-4. recipe_step_time: each training recipe's and distillation student's step time relative to
+7. recipe_step_time: each training recipe's and distillation student's step time relative to
    erm's, measured in the same process (SAM takes two forward-backward passes, so about 2x).
 """
 from __future__ import annotations
@@ -155,6 +159,31 @@ def bench_loader(steps: int, config_name: str) -> None:
           "engine_share_outside_fwd_bwd": round(results["engine"]["share_outside_fwd_bwd"], 4),
           "baseline_share_outside_fwd_bwd": round(results[baseline_key]["share_outside_fwd_bwd"], 4),
           "all": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in results.items()}})
+
+
+def _train_worker(threads: int, steps: int) -> None:
+    """A child process of bench_job_threads: prints its training throughput as one JSON line."""
+    torch.set_num_threads(threads)
+    model, _ = config_model("config.yaml")
+    result = timed_training(model, engine_batches(fashion_mnist(), 128), steps)
+    print(json.dumps({"images_per_s": result["images_per_s"]}), flush=True)
+
+
+def bench_job_threads(steps: int) -> None:
+    def workers(threads: int, count: int) -> list[float]:
+        procs = [subprocess.Popen([sys.executable, __file__, "--train-worker", str(threads), str(steps)],
+                                  stdout=subprocess.PIPE, text=True) for _ in range(count)]
+        outs = [p.communicate()[0] for p in procs]
+        if any(p.returncode for p in procs):
+            raise RuntimeError("a bench_job_threads worker failed")
+        return [json.loads(o.strip().splitlines()[-1])["images_per_s"] for o in outs]
+
+    one_two_thread = workers(2, 1)[0]
+    two_one_thread = workers(1, 2)
+    emit({"bench": "job_threads", "model": "convnet (config.yaml)", "batch_size": 128, "device": "cpu",
+          "one_job_two_threads_images_per_s": round(one_two_thread, 1),
+          "two_jobs_one_thread_images_per_s": [round(v, 1) for v in two_one_thread],
+          "ratio": round(sum(two_one_thread) / one_two_thread, 3)})
 
 
 def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -339,6 +368,7 @@ def main() -> None:
     # step, and on the default ConvNet, where CPU compute dominates (see README).
     bench_loader(steps, "smoke.yaml")
     bench_loader(steps, "config.yaml")
+    bench_job_threads(steps)
     bench_noop()
     bench_incremental()
     bench_discovery()
@@ -347,4 +377,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--train-worker"]:
+        _train_worker(int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        main()
