@@ -21,7 +21,8 @@ validation split prefers) and writes them to ``results/choices/choices.jsonl``.
   (which the NoProp claim compares, so they move together): AdamW at 1e-3 (the paper) vs 3e-3;
   score: ``val_top1``.
 
-Runs are cached under ``results/choices/``: a rerun skips what is done.
+Runs are cached under ``results/choices/``: a rerun skips what is done. ``CHOICES=a,b`` runs
+only those choices, ``CHOICE_SEEDS`` sets the seeds, ``CHOICE_THREADS`` the threads per job.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ OUT = ROOT / "results" / "choices"
 DATA = ROOT / "data" / "prepared" / "fashion_mnist"
 SEEDS = [int(s) for s in os.environ.get("CHOICE_SEEDS", "0,1,2").split(",")]
 ONLY = set(filter(None, os.environ.get("CHOICES", "").split(",")))
+THREADS = os.environ.get("CHOICE_THREADS", "2")  # threads per training job
 
 
 def _config(name: str) -> dict:
@@ -49,7 +51,7 @@ def _config(name: str) -> dict:
 def cli(*args: str, log: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as fh:
-        subprocess.run([sys.executable, "-m", "classlab.cli", *args, "--threads", "2", "--no-progress"]
+        subprocess.run([sys.executable, "-m", "classlab.cli", *args, "--threads", THREADS, "--no-progress"]
                        if args[0] not in ("build-scenario", "evaluate-incremental", "evaluate") else
                        [sys.executable, "-m", "classlab.cli", *args], check=True, stdout=fh, stderr=fh, cwd=ROOT)
 
