@@ -312,3 +312,22 @@ def test_optional_metrics_reach_tables_and_claims(tmp_path):
     claim = Claim("supervised", "p", "s", "few_shot_top1", "sbcl", "ce_lt")
     out = evaluate_claims(runs, "supervised", claims=[claim])
     assert out.effect.iloc[0] == pytest.approx(0.225)
+
+
+@pytest.mark.parametrize("grid", ["recipes_cpu.yaml", "recipes.yaml"])
+def test_every_recipe_claim_has_both_arms_in_the_grids(grid):
+    """A claim row whose arms a grid does not train would silently never be measured: both claims
+    grids of the supervised and distill families run every arm their claims compare (erm against
+    the linear probe is the default run's own claim)."""
+    import yaml
+
+    from tests.conftest import ROOT
+
+    families = yaml.safe_load((ROOT / "config" / grid).read_text())["families"]
+    default = set(yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["families"]["supervised"]["methods"])
+    for family in ("supervised", "distill"):
+        claims = yaml.safe_load((ROOT / "config" / "claims" / f"{family}.yaml").read_text())
+        methods = set(families[family]["methods"])
+        for claim in claims:
+            arms = {claim["treatment"]} | ({claim["baseline"]} if "baseline" in claim else set())
+            assert arms <= methods or arms <= default, f"{grid}: {family} claim {claim['statement']!r} misses {arms - methods}"
