@@ -80,8 +80,15 @@ def supervised_model(name: str, seed: int, overrides: dict, family: str = "pretr
 
 
 def incremental_run(name: str, seed: int, scenario: str, method: str, overrides: dict) -> dict:
+    """One run of ``config/incremental_cpu.yaml``'s scenario, on the backbone the method pins (OVOR's
+    prompts need the ViT) or the ConvNet, from that backbone's first-task pretraining as the DAG does."""
+    from classlab.config import resolve_hparams
+
     cfg = _config("incremental_cpu.yaml")
     spec = dict(cfg["families"]["incremental"]["scenarios"][scenario])
+    merged = dict(cfg["families"]["incremental"].get("overrides", {}).get(method, {}), **overrides)
+    backbone = resolve_hparams("incremental", method, merged).get("backbone") or "convnet"
+    kwargs = json.dumps(cfg["backbone_kwargs"].get(backbone, {}), sort_keys=True)
     base = OUT / "incremental" / scenario / f"seed{seed}"
     scen = base / "scenario.json"
     if not scen.exists():
@@ -89,18 +96,18 @@ def incremental_run(name: str, seed: int, scenario: str, method: str, overrides:
             "--seed", str(seed), "--out", str(scen), log=base / "scenario.log")
     init = []
     if spec["init"] != "scratch":
-        pre = base / "pretrain_first_task"
+        pre = base / ("pretrain_first_task" if backbone == "convnet" else f"pretrain_first_task_{backbone}")
         if not (pre / "model.pt").exists():
+            pre_overrides = dict(cfg["pretrain"]["overrides"], **cfg["pretrain"].get("backbone_overrides", {}).get(backbone, {}))
             cli("train", "--family", "pretrain", "--method", "supervised", "--data", str(DATA), "--backbone",
-                "convnet", "--backbone-kwargs", convnet(), "--seed", str(seed), "--out-dir", str(pre),
-                "--overrides", json.dumps(cfg["pretrain"]["overrides"]), "--classes-from-scenario", str(scen),
+                backbone, "--backbone-kwargs", kwargs, "--seed", str(seed), "--out-dir", str(pre),
+                "--overrides", json.dumps(pre_overrides), "--classes-from-scenario", str(scen),
                 log=pre / "train.log")
         init = ["--init", str(pre / "model.pt")]
     run = base / name
-    merged = dict(cfg["families"]["incremental"].get("overrides", {}).get(method, {}), **overrides)
     if not (run / "metrics.json").exists():
         cli("train-incremental", "--method", method, "--data", str(DATA), "--scenario", str(scen), "--backbone",
-            "convnet", "--backbone-kwargs", convnet(), "--seed", str(seed), "--ckpt-dir", str(run / "ck"),
+            backbone, "--backbone-kwargs", kwargs, "--seed", str(seed), "--ckpt-dir", str(run / "ck"),
             "--eval-dir", str(run / "ev"), "--overrides", json.dumps(merged), *init, log=run / "train.log")
         cli("evaluate-incremental", "--predictions", str(run / "ev" / "predictions.npz"), "--history",
             str(run / "ck" / "history.json"), "--scenario", str(scen), "--out", str(run / "metrics.json"),
