@@ -14,6 +14,11 @@ validation split prefers) and writes them to ``results/choices/choices.jsonl``.
   incremental options first chosen on the test split, on the scenarios of
   ``config/incremental_cpu.yaml``; score: ``val_last_accuracy`` (the validation split's seen
   classes after the last task).
+- ``happy_lr_incremental``, ``simgcd_continual_lr_incremental``: the learning rate of the continual
+  stages for each arm of the Happy claim, on ``config/discovery_cpu.yaml``'s ``fmnist_continual``
+  split: 0.005 (the YAML) vs 0.01 (Happy's paper: a tenth of stage 0's rate); score:
+  ``val_acc_all`` (clustering accuracy of the validation split's samples after the last stage,
+  one Hungarian matching).
 - ``recipe_erm_lr``, ``noprop_lr``: the from-scratch learning rates of the recipes grid
   (``config/recipes_cpu.yaml``'s settings: 300 images per class, 6 epochs). erm: 0.01 (its YAML,
   a fine-tuning rate) vs 0.05 (He et al.'s from-scratch 0.1 at batch 128, scaled to batch 64; the
@@ -52,7 +57,8 @@ def cli(*args: str, log: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as fh:
         subprocess.run([sys.executable, "-m", "classlab.cli", *args, "--threads", THREADS, "--no-progress"]
-                       if args[0] not in ("build-scenario", "evaluate-incremental", "evaluate") else
+                       if args[0] not in ("build-scenario", "evaluate-incremental", "evaluate", "build-discovery-split",
+                                          "evaluate-discovery") else
                        [sys.executable, "-m", "classlab.cli", *args], check=True, stdout=fh, stderr=fh, cwd=ROOT)
 
 
@@ -112,6 +118,51 @@ def incremental_run(name: str, seed: int, scenario: str, method: str, overrides:
         cli("evaluate-incremental", "--predictions", str(run / "ev" / "predictions.npz"), "--history",
             str(run / "ck" / "history.json"), "--scenario", str(scen), "--out", str(run / "metrics.json"),
             log=run / "eval.log")
+    return json.loads((run / "metrics.json").read_text())
+
+
+def discovery_run(name: str, seed: int, split: str, method: str, overrides: dict) -> dict:
+    """One run of ``config/discovery_cpu.yaml``'s split from the init it names (the SimCLR node or the
+    split's known-class supervised model), as the DAG builds it."""
+    from classlab.config import resolve_hparams
+
+    cfg = _config("discovery_cpu.yaml")
+    disc = cfg["families"]["discovery"]
+    spec = disc["splits"][split]
+    merged = dict(disc.get("overrides", {}).get(method, {}), **overrides)
+    backbone = (resolve_hparams("discovery", method, merged).get("backbone")
+                or disc.get("backbones", {}).get(split, cfg["backbones"])[0])
+    kwargs = json.dumps(cfg["backbone_kwargs"].get(backbone, {}), sort_keys=True)
+    base = OUT / "discovery" / split / f"seed{seed}"
+    split_json = base / "split.json"
+    if not split_json.exists():
+        cli("build-discovery-split", "--data", str(DATA), "--params", json.dumps(dict(spec, name=split), sort_keys=True),
+            "--seed", str(seed), "--out", str(split_json), log=base / "split.log")
+    init = []
+    if spec["init"] == "simclr":  # the shared no-label node: one per seed, as in the DAG
+        pre = OUT / "discovery" / "pretrain_simclr" / backbone / f"seed{seed}"
+        if not (pre / "model.pt").exists():
+            cli("train", "--family", "pretrain", "--method", "simclr", "--data", str(DATA), "--backbone", backbone,
+                "--backbone-kwargs", kwargs, "--seed", str(seed), "--out-dir", str(pre),
+                "--overrides", json.dumps(cfg["pretrain"]["others"]["simclr"], sort_keys=True), log=pre / "train.log")
+        init = ["--init", str(pre / "model.pt")]
+    elif spec["init"] == "supervised_known":
+        pre = base / f"pretrain_known_{backbone}"
+        if not (pre / "model.pt").exists():
+            known = dict(cfg["pretrain"]["overrides"], **cfg["pretrain"].get("backbone_overrides", {}).get(backbone, {}),
+                         **disc.get("pretrain_known", {}))
+            cli("train", "--family", "pretrain", "--method", "supervised", "--data", str(DATA), "--backbone", backbone,
+                "--backbone-kwargs", kwargs, "--seed", str(seed), "--out-dir", str(pre),
+                "--overrides", json.dumps(known, sort_keys=True), "--classes-from-split", str(split_json),
+                log=pre / "train.log")
+        init = ["--init", str(pre / "model.pt")]
+    run = base / name
+    if not (run / "metrics.json").exists():
+        cli("train-discovery", "--method", method, "--data", str(DATA), "--split", str(split_json), "--backbone",
+            backbone, "--backbone-kwargs", kwargs, "--seed", str(seed), "--ckpt-dir", str(run / "ck"),
+            "--eval-dir", str(run / "ev"), "--overrides", json.dumps(merged), *init, log=run / "train.log")
+        cli("evaluate-discovery", "--predictions", str(run / "ev" / "predictions.npz"), "--split", str(split_json),
+            "--history", str(run / "ck" / "history.json"), "--out", str(run / "metrics.json"), log=run / "eval.log")
     return json.loads((run / "metrics.json").read_text())
 
 
@@ -183,6 +234,11 @@ def main() -> None:
         "noprop_lr": lambda: (compare("noprop_lr", "lr0.001", "lr0.003", noprop_pair, "val_top1"),
                               compare("noprop_backprop_lr", "lr0.001", "lr0.003", noprop_pair, "val_top1_backprop")),
     }
+    for method in ("happy", "simgcd_continual"):  # each arm of the Happy claim gets its own validated rate
+        choices[f"{method}_lr_incremental"] = lambda method=method: compare(
+            f"{method}_lr_incremental", "lr0.005", "lr0.01",
+            lambda s, seed: discovery_run(f"{method}_{s}", seed, "fmnist_continual", method,
+                                          {"lr_incremental": float(s[2:])}), "val_acc_all")
     for name, run in choices.items():
         if not ONLY or name in ONLY:
             run()

@@ -164,6 +164,18 @@ def test_happy_and_simgcd_continual_tiny_runs(digits_prepared, tmp_path):
         assert [row["labelled"] for row in out["history"]] == [len(manifest["labelled"]), 0, 0]
         for t, k in enumerate(seen):   # clusters of the classes seen through each stage, no more
             assert int(out["predictions"][f"pred_test_task{t}"].max()) < k
+    # the validation split's samples of every class seen by the end are scored for `make choices`
+    from classlab.data.prepare import load_prepared
+    from classlab.report.discovery import discovery_metrics
+
+    val_y = load_prepared(digits_prepared).val.y.numpy()
+    on_seen = np.isin(val_y, manifest["known_classes"] + [c for st in manifest["stages"] for c in st["new_classes"]])
+    for out, work in ((base, "base"), (happy, "happy")):
+        np.testing.assert_array_equal(out["predictions"]["labels_val_last"], val_y[on_seen])
+        assert out["predictions"]["pred_val_last"].shape == (int(on_seen.sum()),)
+        metrics = discovery_metrics(tmp_path / work / "eval" / "predictions.npz", split,
+                                    tmp_path / work / "ckpt" / "history.json")
+        assert 0 <= metrics["val_acc_all"] <= 1 and metrics["val_acc_all"] >= 1 / on_seen.sum()
     # the two share stage 0, so forgetting is measured from the same model
     for key in ("pred_unlabelled_task0", "pred_test_task0"):
         np.testing.assert_array_equal(base["predictions"][key], happy["predictions"][key])

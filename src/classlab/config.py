@@ -23,6 +23,7 @@ A method YAML (``config/methods/<family>/<method>.yaml``) has these top-level ke
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -71,10 +72,17 @@ def _format_error(err) -> str:
 
 
 def _rel(path: Path) -> str:
+    return _rel_cached(str(path))
+
+
+@functools.lru_cache(maxsize=None)
+def _rel_cached(path: str) -> str:
+    # cached: validation names a file's origin once per hyperparameter (thousands of calls in the
+    # default DAG), and resolve() walks the file system each time
     try:
         return str(Path(path).resolve().relative_to(ROOT))
     except ValueError:
-        return str(path)
+        return path
 
 
 _YAML_CACHE: dict[str, tuple[int, int, Any]] = {}

@@ -285,6 +285,13 @@ class DiscoveryRun(ProtocolRun):
             self.outputs[f"pred_test_task{t}"] = self._assign(self.data.test.x[test])
         self.outputs[f"labels_test_task{t}"] = self.data.test.y[test].numpy().astype(np.int64)
         self.outputs[f"old_classes_task{t}"] = np.array(self.old_classes(t), dtype=np.int64)
+        if t == self.num_tasks - 1 and not shift and len(self.data.val):
+            # the validation split (held out from train by prepare) on the classes seen at the end: the
+            # score `make choices` reads; its labels are used for nothing else (latent-shift splits
+            # have no validation domains)
+            val = torch.nonzero(torch.isin(self.data.val.y, torch.tensor(seen, dtype=self.data.val.y.dtype))).flatten()
+            self.outputs["pred_val_last"] = self._assign(self.data.val.x[val])
+            self.outputs["labels_val_last"] = self.data.val.y[val].numpy().astype(np.int64)
         if int(self.learner.estimated_k) >= 0:
             self.outputs[f"estimated_k_task{t}"] = np.array([int(self.learner.estimated_k)], dtype=np.int64)
         if t == self.num_tasks - 1:

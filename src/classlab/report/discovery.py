@@ -4,7 +4,8 @@ Per run (``discovery_metrics``): clustering accuracy with one Hungarian matching
 samples, split into All / Old / New ("v2", the GCD papers' protocol; ``acc_*``), the per-subset
 matching ("v1"; ``v1_*``) and the class-balanced variant (``balanced_*``), NMI and ARI, on the
 unlabelled train pool (transductive, as the papers report; no prefix) and on the test samples of
-the classes seen (``test_`` prefix), after the last task. Continual splits add Old / New accuracy
+the classes seen (``test_`` prefix), after the last task; the validation split's samples of those
+classes (``val_`` prefix) are scored the same way for choosing settings, never reported. Continual splits add Old / New accuracy
 per stage and the forgetting of the known classes (their test accuracy after stage 0 minus after
 the last stage); active splits add the accuracy after each query round against the labels spent;
 methods that estimate the number of classes add ``estimated_k`` and ``k_error`` = |k_hat - k|.
@@ -62,6 +63,8 @@ def discovery_metrics(predictions: str | Path, split: str | Path, history: str |
            "novel_classes": split_doc["novel_classes"], **run_fields(meta)}
     out.update(_scores("", arrays[f"labels_unlabelled_task{last}"], arrays[f"pred_unlabelled_task{last}"], old))
     out.update(_scores("test_", arrays[f"labels_test_task{last}"], arrays[f"pred_test_task{last}"], old))
+    if "pred_val_last" in arrays:  # for choices only (`make choices`); the tables report train and test
+        out.update(_scores("val_", arrays["labels_val_last"], arrays["pred_val_last"], old))
     k_true = len(np.unique(np.concatenate([arrays[f"labels_unlabelled_task{last}"],
                                            np.asarray(split_doc["known_classes"], dtype=np.int64)])))
     if f"estimated_k_task{last}" in arrays:
