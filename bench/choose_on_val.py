@@ -85,10 +85,35 @@ def supervised_model(name: str, seed: int, overrides: dict, family: str = "pretr
     return json.loads((out / "eval" / "metrics.json").read_text())
 
 
+def pretrain_on_classes(out: Path, backbone: str, kwargs: str, seed: int, overrides: dict, classes_flag: str,
+                        classes_from: Path) -> Path:
+    """Supervised pretraining on the classes a scenario's first task or a split's labelled set names
+    (``classes_flag``: ``--classes-from-scenario`` or ``--classes-from-split``), unless done."""
+    if not (out / "model.pt").exists():
+        cli("train", "--family", "pretrain", "--method", "supervised", "--data", str(DATA), "--backbone", backbone,
+            "--backbone-kwargs", kwargs, "--seed", str(seed), "--out-dir", str(out),
+            "--overrides", json.dumps(overrides, sort_keys=True), classes_flag, str(classes_from), log=out / "train.log")
+    return out / "model.pt"
+
+
+def protocol_run(family: str, run: Path, method: str, protocol: tuple[str, Path], backbone: str, kwargs: str,
+                 seed: int, overrides: dict, init: list[str]) -> dict:
+    """Train one run of a protocol family and evaluate it, unless done (``protocol``: the scenario or
+    split option and its file); returns its metrics.json."""
+    if not (run / "metrics.json").exists():
+        flag, path = protocol
+        cli(f"train-{family}", "--method", method, "--data", str(DATA), flag, str(path), "--backbone", backbone,
+            "--backbone-kwargs", kwargs, "--seed", str(seed), "--ckpt-dir", str(run / "ck"), "--eval-dir", str(run / "ev"),
+            "--overrides", json.dumps(overrides), *init, log=run / "train.log")
+        cli(f"evaluate-{family}", "--predictions", str(run / "ev" / "predictions.npz"), "--history",
+            str(run / "ck" / "history.json"), flag, str(path), "--out", str(run / "metrics.json"), log=run / "eval.log")
+    return json.loads((run / "metrics.json").read_text())
+
+
 def incremental_run(name: str, seed: int, scenario: str, method: str, overrides: dict) -> dict:
     """One run of ``config/incremental_cpu.yaml``'s scenario, on the backbone the method pins (OVOR's
     prompts need the ViT) or the ConvNet, from that backbone's first-task pretraining as the DAG does."""
-    from classlab.config import resolve_hparams
+    from classlab.config import resolve_hparams, supervised_pretrain_overrides
 
     cfg = _config("incremental_cpu.yaml")
     spec = dict(cfg["families"]["incremental"]["scenarios"][scenario])
@@ -103,28 +128,15 @@ def incremental_run(name: str, seed: int, scenario: str, method: str, overrides:
     init = []
     if spec["init"] != "scratch":
         pre = base / ("pretrain_first_task" if backbone == "convnet" else f"pretrain_first_task_{backbone}")
-        if not (pre / "model.pt").exists():
-            pre_overrides = dict(cfg["pretrain"]["overrides"], **cfg["pretrain"].get("backbone_overrides", {}).get(backbone, {}))
-            cli("train", "--family", "pretrain", "--method", "supervised", "--data", str(DATA), "--backbone",
-                backbone, "--backbone-kwargs", kwargs, "--seed", str(seed), "--out-dir", str(pre),
-                "--overrides", json.dumps(pre_overrides), "--classes-from-scenario", str(scen),
-                log=pre / "train.log")
-        init = ["--init", str(pre / "model.pt")]
-    run = base / name
-    if not (run / "metrics.json").exists():
-        cli("train-incremental", "--method", method, "--data", str(DATA), "--scenario", str(scen), "--backbone",
-            backbone, "--backbone-kwargs", kwargs, "--seed", str(seed), "--ckpt-dir", str(run / "ck"),
-            "--eval-dir", str(run / "ev"), "--overrides", json.dumps(merged), *init, log=run / "train.log")
-        cli("evaluate-incremental", "--predictions", str(run / "ev" / "predictions.npz"), "--history",
-            str(run / "ck" / "history.json"), "--scenario", str(scen), "--out", str(run / "metrics.json"),
-            log=run / "eval.log")
-    return json.loads((run / "metrics.json").read_text())
+        init = ["--init", str(pretrain_on_classes(pre, backbone, kwargs, seed, supervised_pretrain_overrides(cfg, backbone),
+                                                  "--classes-from-scenario", scen))]
+    return protocol_run("incremental", base / name, method, ("--scenario", scen), backbone, kwargs, seed, merged, init)
 
 
 def discovery_run(name: str, seed: int, split: str, method: str, overrides: dict) -> dict:
     """One run of ``config/discovery_cpu.yaml``'s split from the init it names (the SimCLR node or the
     split's known-class supervised model), as the DAG builds it."""
-    from classlab.config import resolve_hparams
+    from classlab.config import resolve_hparams, supervised_pretrain_overrides
 
     cfg = _config("discovery_cpu.yaml")
     disc = cfg["families"]["discovery"]
@@ -147,23 +159,10 @@ def discovery_run(name: str, seed: int, split: str, method: str, overrides: dict
                 "--overrides", json.dumps(cfg["pretrain"]["others"]["simclr"], sort_keys=True), log=pre / "train.log")
         init = ["--init", str(pre / "model.pt")]
     elif spec["init"] == "supervised_known":
-        pre = base / f"pretrain_known_{backbone}"
-        if not (pre / "model.pt").exists():
-            known = dict(cfg["pretrain"]["overrides"], **cfg["pretrain"].get("backbone_overrides", {}).get(backbone, {}),
-                         **disc.get("pretrain_known", {}))
-            cli("train", "--family", "pretrain", "--method", "supervised", "--data", str(DATA), "--backbone", backbone,
-                "--backbone-kwargs", kwargs, "--seed", str(seed), "--out-dir", str(pre),
-                "--overrides", json.dumps(known, sort_keys=True), "--classes-from-split", str(split_json),
-                log=pre / "train.log")
-        init = ["--init", str(pre / "model.pt")]
-    run = base / name
-    if not (run / "metrics.json").exists():
-        cli("train-discovery", "--method", method, "--data", str(DATA), "--split", str(split_json), "--backbone",
-            backbone, "--backbone-kwargs", kwargs, "--seed", str(seed), "--ckpt-dir", str(run / "ck"),
-            "--eval-dir", str(run / "ev"), "--overrides", json.dumps(merged), *init, log=run / "train.log")
-        cli("evaluate-discovery", "--predictions", str(run / "ev" / "predictions.npz"), "--split", str(split_json),
-            "--history", str(run / "ck" / "history.json"), "--out", str(run / "metrics.json"), log=run / "eval.log")
-    return json.loads((run / "metrics.json").read_text())
+        known = supervised_pretrain_overrides(cfg, backbone, disc.get("pretrain_known"))
+        init = ["--init", str(pretrain_on_classes(base / f"pretrain_known_{backbone}", backbone, kwargs, seed, known,
+                                                  "--classes-from-split", split_json))]
+    return protocol_run("discovery", base / name, method, ("--split", split_json), backbone, kwargs, seed, merged, init)
 
 
 def compare(choice: str, default: str, alternative: str, score, metric: str) -> dict:

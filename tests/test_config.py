@@ -306,3 +306,16 @@ def test_project_files_do_not_point_at_the_shared_folder():
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     hits = [f for f in files if (ROOT / f).is_file() and needle in (ROOT / f).read_text(errors="ignore")]
     assert not hits, hits
+
+
+def test_supervised_pretrain_overrides_merge_in_order_config_backbone_then_family():
+    from classlab.config import supervised_pretrain_overrides
+
+    cfg = {"pretrain": {"overrides": {"epochs": 5, "lr": 0.1},
+                        "backbone_overrides": {"vit_tiny": {"lr": 0.001, "batch_size": 64}}}}
+    assert supervised_pretrain_overrides(cfg, "convnet") == {"epochs": 5, "lr": 0.1}
+    assert supervised_pretrain_overrides(cfg, "vit_tiny") == {"epochs": 5, "lr": 0.001, "batch_size": 64}
+    # a family's own pretraining (discovery's pretrain_known) wins over both
+    assert supervised_pretrain_overrides(cfg, "vit_tiny", {"epochs": 15}) == {"epochs": 15, "lr": 0.001,
+                                                                             "batch_size": 64}
+    assert cfg["pretrain"]["overrides"] == {"epochs": 5, "lr": 0.1}  # the config is not modified

@@ -192,6 +192,18 @@ def method_scenario_kinds(family: str, method: str) -> tuple[str, ...] | None:
     return method_spec(family, method)["scenario_kinds"]
 
 
+def supervised_pretrain_overrides(config: dict, backbone: str, extra: dict | None = None) -> dict[str, Any]:
+    """The overrides of a supervised pretraining run on ``backbone``: the config's
+    ``pretrain.overrides``, then that backbone's ``pretrain.backbone_overrides``, then ``extra``
+    (a family's own pretraining, e.g. discovery's ``pretrain_known``). One place for the DAG and
+    ``make choices``, so that both train the same node."""
+    pretrain = config.get("pretrain") or {}
+    merged = dict(pretrain.get("overrides") or {})
+    merged.update((pretrain.get("backbone_overrides") or {}).get(backbone, {}))
+    merged.update(extra or {})
+    return merged
+
+
 def resolve_hparams(family: str, method: str, overrides: dict | None) -> dict[str, Any]:
     hp = method_defaults(family, method)
     unknown = [key for key in (overrides or {}) if key not in hp]

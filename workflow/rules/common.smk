@@ -1,7 +1,7 @@
 # Config validation, the experiment grid, and path helpers (no lambdas in rules).
 import json
 
-from classlab.config import ConfigError, resolve_hparams, validate_config
+from classlab.config import ConfigError, resolve_hparams, supervised_pretrain_overrides, validate_config
 from classlab.workflow import ensure_cli_on_path
 
 try:
@@ -61,9 +61,7 @@ def pretrain_overrides_json(wildcards):
     node = getattr(wildcards, "pretrain", PRETRAIN)  # pretrain_first_task has no such wildcard
     if node != PRETRAIN:  # another pretraining node (pretrain.others: simclr)
         return json.dumps(config["pretrain"]["others"][node], sort_keys=True)
-    overrides = dict(config["pretrain"]["overrides"])
-    overrides.update(config["pretrain"]["backbone_overrides"].get(wildcards.backbone, {}))
-    return json.dumps(overrides, sort_keys=True)
+    return json.dumps(supervised_pretrain_overrides(config, wildcards.backbone), sort_keys=True)
 
 
 def mirror_option(wildcards):
@@ -374,10 +372,8 @@ def split_backbones(split, method):
 
 
 def pretrain_known_overrides_json(wildcards):
-    overrides = dict(config["pretrain"]["overrides"])
-    overrides.update(config["pretrain"]["backbone_overrides"].get(wildcards.backbone, {}))
-    overrides.update(DISCOVERY.get("pretrain_known", {}))
-    return json.dumps(overrides, sort_keys=True)
+    return json.dumps(supervised_pretrain_overrides(config, wildcards.backbone, DISCOVERY.get("pretrain_known")),
+                      sort_keys=True)
 
 
 def split_params_json(wildcards):
