@@ -56,10 +56,9 @@ def _config(name: str) -> dict:
 def cli(*args: str, log: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as fh:
-        subprocess.run([sys.executable, "-m", "classlab.cli", *args, "--threads", THREADS, "--no-progress"]
-                       if args[0] not in ("build-scenario", "evaluate-incremental", "evaluate", "build-discovery-split",
-                                          "evaluate-discovery") else
-                       [sys.executable, "-m", "classlab.cli", *args], check=True, stdout=fh, stderr=fh, cwd=ROOT)
+        # training commands (train, train-incremental, train-discovery) take threads and a progress switch
+        extra = ["--threads", THREADS, "--no-progress"] if args[0].startswith("train") else []
+        subprocess.run([sys.executable, "-m", "classlab.cli", *args, *extra], check=True, stdout=fh, stderr=fh, cwd=ROOT)
 
 
 def convnet() -> str:

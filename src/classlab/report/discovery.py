@@ -5,9 +5,9 @@ samples, split into All / Old / New ("v2", the GCD papers' protocol; ``acc_*``),
 matching ("v1"; ``v1_*``) and the class-balanced variant (``balanced_*``), NMI and ARI, on the
 unlabelled train pool (transductive, as the papers report; no prefix) and on the test samples of
 the classes seen (``test_`` prefix), after the last task; the validation split's samples of those
-classes (``val_`` prefix) are scored the same way for choosing settings, never reported. Continual splits add Old / New accuracy
-per stage and the forgetting of the known classes (their test accuracy after stage 0 minus after
-the last stage); active splits add the accuracy after each query round against the labels spent;
+classes (``val_`` prefix) are scored the same way for choosing settings, never reported. Continual
+splits add Old / New accuracy per stage and the forgetting of the known classes (their test
+accuracy after stage 0 minus after the last stage); active splits add the accuracy after each query round against the labels spent;
 methods that estimate the number of classes add ``estimated_k`` and ``k_error`` = |k_hat - k|.
 """
 from __future__ import annotations
