@@ -210,7 +210,8 @@ def main() -> None:
     def noprop_pair(setting: str, seed: int) -> dict:
         lr = float(setting[2:])
         return {"val_top1": recipe("noprop", lr, seed)["val_top1"],
-                "val_top1_backprop": recipe("noprop_backprop", lr, seed)["val_top1"]}
+                "val_top1_backprop": recipe("noprop_backprop", lr, seed)["val_top1"],
+                "val_top1_blocks_ce": recipe("noprop_blocks_ce", lr, seed)["val_top1"]}
 
     choices = {
         "pretrain_epochs": lambda: compare("pretrain_epochs", "5ep", "4ep", pretrain, "val_top1"),
@@ -230,7 +231,8 @@ def main() -> None:
         "recipe_erm_lr": lambda: compare("recipe_erm_lr", "lr0.01", "lr0.05",
                                          lambda s, seed: recipe("erm", float(s[2:]), seed), "val_top1"),
         "noprop_lr": lambda: (compare("noprop_lr", "lr0.001", "lr0.003", noprop_pair, "val_top1"),
-                              compare("noprop_backprop_lr", "lr0.001", "lr0.003", noprop_pair, "val_top1_backprop")),
+                              compare("noprop_backprop_lr", "lr0.001", "lr0.003", noprop_pair, "val_top1_backprop"),
+                              compare("noprop_blocks_ce_lr", "lr0.001", "lr0.003", noprop_pair, "val_top1_blocks_ce")),
     }
     for method in ("happy", "simgcd_continual"):  # each arm of the Happy claim gets its own validated rate
         choices[f"{method}_lr_incremental"] = lambda method=method: compare(

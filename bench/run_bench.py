@@ -289,7 +289,7 @@ def bench_discovery() -> None:
 
 
 RECIPES = [("supervised", m) for m in ("erm", "adamw", "lion", "grad_noise", "z_loss", "ps_kd", "tract", "sam",
-                                      "useful", "noprop", "supcon", "sbcl", "core_tuning")] + \
+                                      "useful", "noprop", "noprop_blocks_ce", "supcon", "sbcl", "core_tuning")] + \
           [("distill", m) for m in ("ce", "kd", "nd_kd", "multi_aspect_kd")]
 
 

@@ -32,7 +32,7 @@ def _batch(n=16, k=4, size=8, seed=0):
             "index": torch.arange(n)}
 
 
-@pytest.mark.parametrize("method", ["z_loss", "ps_kd", "useful", "sam_useful", "noprop"])
+@pytest.mark.parametrize("method", ["z_loss", "ps_kd", "useful", "sam_useful", "noprop", "noprop_blocks_ce"])
 def test_recipe_defaults_are_declared_and_valid(method):
     assert check_hparams("supervised", method, method_defaults("supervised", method)) == []
 
@@ -419,3 +419,38 @@ def test_noprop_backprop_sends_gradient_through_every_block_of_the_same_architec
     for t, block in enumerate(method.blocks):
         grads = [p.grad for p in block.parameters() if p.requires_grad]
         assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), t
+
+
+def test_noprop_blocks_ce_is_noprops_image_paths_trained_end_to_end():
+    """The NoProp claim's baseline of the same size: the encoders are NoProp's blocks' image paths
+    layer for layer; the averaged logits are the forward; one CE gives every encoder a gradient."""
+    hp = resolve_hparams("supervised", "noprop_blocks_ce", {"T": 3, "block_widths": [8], "hidden": 32, "head_hidden": 16})
+    method = get_method("supervised", "noprop_blocks_ce")(_model(4), hp, 4)
+    noprop = _noprop(T=3)
+    for enc, block in zip(method.encoders, noprop.blocks):
+        assert [tuple(p.shape) for p in enc.parameters()] == [tuple(p.shape) for p in block.image.parameters()]
+    batch = _batch()
+    logits = method(batch["x"])
+    by_hand = sum(head(enc(batch["x"])) for enc, head in zip(method.encoders, method.heads)) / 3
+    torch.testing.assert_close(logits, by_hand)
+    loss, logs = method.training_step(batch)
+    torch.testing.assert_close(loss, F.cross_entropy(by_hand, batch["y"]))
+    loss.backward()
+    for t, (enc, head) in enumerate(zip(method.encoders, method.heads)):
+        for p in [*enc.parameters(), *head.parameters()]:
+            assert p.grad is not None and p.grad.abs().sum() > 0, t
+    assert all(p.grad is None for p in method.model.parameters())
+    assert method.evaluate_with_method
+    assert {id(p) for g in method.param_groups() for p in g["params"]} == {id(p) for p in method.parameters()
+                                                                           if p.requires_grad}
+
+
+def test_noprop_blocks_ce_has_noprops_size_at_the_defaults():
+    """"Backprop of the same size": at the YAML defaults the baseline's trained parameters are within
+    5% of NoProp's (the heads take the label paths' share)."""
+    model = build_classifier("convnet", 1, 10, img_size=28, backbone_kwargs=TINY)
+    sizes = {}
+    for name in ("noprop", "noprop_blocks_ce"):
+        method = get_method("supervised", name)(model, resolve_hparams("supervised", name, {}), 10)
+        sizes[name] = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    assert abs(sizes["noprop_blocks_ce"] / sizes["noprop"] - 1) < 0.05, sizes

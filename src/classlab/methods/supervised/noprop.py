@@ -59,18 +59,24 @@ def chain_coefficients(alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return a, b, c.clamp_min(0.0)
 
 
+def image_encoder(in_chans: int, widths, hidden: int) -> nn.Sequential:
+    """A block's image path: per width a 3x3 conv, GroupNorm, ReLU and 2x2 max-pool, then a
+    2x2 average pool and a linear layer to ``hidden`` features."""
+    layers, prev = [], in_chans
+    for w in widths:
+        layers += [nn.Conv2d(prev, w, 3, padding=1), nn.GroupNorm(1, w), nn.ReLU(), nn.MaxPool2d(2)]
+        prev = w
+    layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * prev, hidden), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
 class DenoiseBlock(nn.Module):
     """u_hat_t(z, x): a CNN on the image and an MLP on the noisy embedding, joined by an MLP into
     class logits. No BatchNorm, so a forward pass changes no state."""
 
     def __init__(self, in_chans: int, embed_dim: int, num_classes: int, widths, hidden: int):
         super().__init__()
-        layers, prev = [], in_chans
-        for w in widths:
-            layers += [nn.Conv2d(prev, w, 3, padding=1), nn.GroupNorm(1, w), nn.ReLU(), nn.MaxPool2d(2)]
-            prev = w
-        layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * prev, hidden), nn.ReLU()]
-        self.image = nn.Sequential(*layers)
+        self.image = image_encoder(in_chans, widths, hidden)
         self.label = nn.Sequential(nn.Linear(embed_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
         self.joint = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
