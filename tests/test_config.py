@@ -319,3 +319,43 @@ def test_supervised_pretrain_overrides_merge_in_order_config_backbone_then_famil
     assert supervised_pretrain_overrides(cfg, "vit_tiny", {"epochs": 15}) == {"epochs": 15, "lr": 0.001,
                                                                              "batch_size": 64}
     assert cfg["pretrain"]["overrides"] == {"epochs": 5, "lr": 0.1}  # the config is not modified
+
+
+def test_parse_time_validation_is_cached_by_a_digest_of_everything_it_reads(tmp_path, monkeypatch):
+    import classlab.config as cfg
+
+    cache = tmp_path / ".snakemake" / "classlab-validated-config.json"
+    first = cfg.validate_config_cached(_smoke(), cache)
+    assert cache.exists() and first == validate_config(_smoke())  # the defaults are filled either way
+
+    calls = []
+    real = cfg.validate_config
+    monkeypatch.setattr(cfg, "validate_config", lambda c: calls.append(1) or real(c))
+    again = cfg.validate_config_cached(_smoke(), cache)
+    assert again == first and calls == []  # unchanged: not validated again
+
+    changed = _smoke()
+    changed["seeds"] = [11]
+    cfg.validate_config_cached(changed, cache)
+    assert calls == [1]  # a config edit validates again
+
+    # an edit of a file validation reads (here a comment added to a method YAML) validates again
+    import shutil
+
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    monkeypatch.setattr(cfg, "ROOT", tmp_path)
+    cfg.validate_config_cached(_smoke(), cache)
+    assert calls == [1, 1]
+    erm = tmp_path / "config" / "methods" / "supervised" / "erm.yaml"
+    erm.write_text(erm.read_text() + "#")
+    cfg.validate_config_cached(_smoke(), cache)
+    assert calls == [1, 1, 1]
+
+    bad = _smoke()
+    bad["families"]["supervised"]["overrides"]["erm"]["epochz"] = 2
+    before = cache.read_text()
+    with pytest.raises(ConfigError, match="epochz"):
+        cfg.validate_config_cached(bad, cache)
+    assert cache.read_text() == before  # a failed validation writes nothing
+    with pytest.raises(ConfigError, match="epochz"):
+        cfg.validate_config_cached(bad, cache)  # and is reported on every parse

@@ -408,6 +408,57 @@ def validate_config(config: dict) -> dict:
     return config
 
 
+def _validation_inputs_key(config: dict) -> str:
+    """A digest of everything ``validate_config`` reads: the config itself, and the path and bytes
+    of every YAML under ``config/`` and ``workflow/schemas/`` and of every module of the package
+    (method names are module names; datasets and scenario builders are code). Bytes, not mtimes:
+    an edit within one timestamp tick must still change the digest."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=repr).encode())
+    for top, pattern in ((ROOT / "config", "*.yaml"), (SCHEMA.parent, "*.yaml"), (Path(__file__).parent, "*.py")):
+        for path in sorted(top.rglob(pattern)):
+            digest.update(f"{path}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def validate_config_cached(config: dict, cache: Path) -> dict:
+    """``validate_config``, skipped when nothing it reads changed since it last passed.
+
+    Every Snakemake invocation parses the Snakefile, and a no-op rerun spends most of its own time
+    there; validation is its largest part (jsonschema's import and about 130 YAML reads). A pass
+    writes the validated config (defaults filled) under a digest of its inputs to ``cache`` (the
+    Snakefile's: ``.snakemake/classlab-validated-config.json`` in the working directory); the next
+    parse with the same digest takes that config instead of validating again. A failed validation
+    writes nothing, so an invalid config is reported on every parse.
+    """
+    import json
+
+    key = _validation_inputs_key(config)
+    try:
+        stored = json.loads(cache.read_text())
+        if stored.get("key") == key:
+            config.clear()
+            config.update(stored["config"])
+            return config
+    except (OSError, ValueError, AttributeError, KeyError):
+        pass  # no cache, or unreadable: validate
+    validate_config(config)
+    try:  # best effort: a read-only checkout validates on every parse
+        text = json.dumps({"key": key, "config": config})
+        if json.loads(text)["config"] != config:
+            return config  # not exactly JSON (tuples, non-string keys): not cached
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, cache)
+    except (OSError, TypeError, ValueError):
+        pass
+    return config
+
+
 SCENARIO_PARAMS = {
     "class_incremental": {"initial", "increment", "samples_per_class", "test_samples_per_class"},
     "few_shot": {"base_classes", "ways", "shots", "samples_per_class", "test_samples_per_class"},

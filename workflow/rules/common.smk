@@ -1,11 +1,13 @@
 # Config validation, the experiment grid, and path helpers (no lambdas in rules).
 import json
+from pathlib import Path
 
-from classlab.config import ConfigError, resolve_hparams, supervised_pretrain_overrides, validate_config
+from classlab.config import ConfigError, resolve_hparams, supervised_pretrain_overrides, validate_config_cached
 from classlab.workflow import ensure_cli_on_path
 
 try:
-    validate_config(config)
+    # skipped when the config and everything validation reads are unchanged since it last passed
+    validate_config_cached(config, Path(".snakemake") / "classlab-validated-config.json")
 except ConfigError as exc:
     # Fails at parse time: no job starts and nothing under results/ is touched.
     raise WorkflowError(str(exc))
