@@ -87,6 +87,14 @@ class DenoiseBlock(nn.Module):
         return self.joint(torch.cat([h_x, self.label(z)], dim=1))
 
 
+def block_shape(hp: dict, method: str) -> tuple[int, list[int], int]:
+    """(T, block_widths, hidden) of a NoProp-shaped network, T checked (also by the schema)."""
+    T = int(hp["T"])
+    if T < 1:
+        raise ValueError(f"supervised/{method}: T (number of blocks) must be >= 1, got {T}")
+    return T, [int(w) for w in hp.get("block_widths", [16, 32])], int(hp.get("hidden", 128))
+
+
 def _in_chans(model: nn.Module, default: int = 1) -> int:
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
@@ -101,12 +109,8 @@ class NoPropDT(Method):
     def __init__(self, model, hparams, num_classes):
         super().__init__(model, hparams, num_classes)
         hp = self.hparams
-        self.T = int(hp["T"])
-        if self.T < 1:
-            raise ValueError(f"supervised/noprop: T (number of blocks) must be >= 1, got {self.T}")
+        self.T, widths, hidden = block_shape(hp, "noprop")
         dim = int(hp.get("embed_dim") or 0) or num_classes
-        widths = [int(w) for w in hp.get("block_widths", [16, 32])]
-        hidden = int(hp.get("hidden", 128))
         self.blocks = nn.ModuleList(DenoiseBlock(_in_chans(model), dim, num_classes, widths, hidden)
                                     for _ in range(self.T))
         embed = torch.empty(num_classes, dim)

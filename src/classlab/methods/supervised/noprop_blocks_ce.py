@@ -23,7 +23,7 @@ from torch import nn
 
 from classlab.methods.base import Method
 from classlab.methods.registry import register_method
-from classlab.methods.supervised.noprop import _in_chans, image_encoder
+from classlab.methods.supervised.noprop import _in_chans, block_shape, image_encoder
 
 
 @register_method("supervised", "noprop_blocks_ce")
@@ -32,13 +32,8 @@ class NoPropBlocksCE(Method):
 
     def __init__(self, model, hparams, num_classes):
         super().__init__(model, hparams, num_classes)
-        hp = self.hparams
-        self.T = int(hp["T"])
-        if self.T < 1:
-            raise ValueError(f"supervised/noprop_blocks_ce: T (number of blocks) must be >= 1, got {self.T}")
-        widths = [int(w) for w in hp.get("block_widths", [16, 32])]
-        hidden = int(hp.get("hidden", 128))
-        head_hidden = int(hp.get("head_hidden", 384))
+        self.T, widths, hidden = block_shape(self.hparams, "noprop_blocks_ce")
+        head_hidden = int(self.hparams.get("head_hidden", 384))
         self.encoders = nn.ModuleList(image_encoder(_in_chans(model), widths, hidden) for _ in range(self.T))
         self.heads = nn.ModuleList(
             nn.Sequential(nn.Linear(hidden, head_hidden), nn.ReLU(), nn.Linear(head_hidden, num_classes))
