@@ -20,6 +20,7 @@ include: "workflow/rules/classifiers.smk"
 include: "workflow/rules/incremental.smk"
 include: "workflow/rules/discovery.smk"
 include: "workflow/rules/explain.smk"
+include: "workflow/rules/shift.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -45,6 +46,8 @@ localrules:
     evaluate_saliency,
     aggregate_explain,
     plot_explain,
+    build_domains,
+    aggregate_shift,
 
 
 rule all:

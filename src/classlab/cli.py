@@ -162,6 +162,36 @@ def _aggregate_discovery(a):
     write_text(a.claims_csv, discovery_claims(runs, claims).to_csv(index=False))
 
 
+def _build_domains(a):
+    from classlab.data.domains import build_domains, save_domains
+    from classlab.data.prepare import load_prepared
+
+    params = json.loads(a.params)
+    kind = params.pop("kind", None)
+    data = load_prepared(Path(a.data))
+    domains = build_domains(kind, data.train.x, data.train.y, data.num_classes, params,
+                            dataset=data.manifest["dataset"])
+    save_domains(Path(a.out_dir), domains)
+
+
+def _train_dg(a):
+    from classlab.protocols.shift import run_domain_generalization
+
+    run_domain_generalization(a.method, Path(a.domains), a.test_domain, a.backbone, a.trial, a.n_draws,
+                              Path(a.out), Path(a.work_dir), json.loads(a.overrides), json.loads(a.backbone_kwargs),
+                              a.threads, a.device, progress=not a.no_progress)
+
+
+def _aggregate_shift(a):
+    from classlab.io import write_text
+    from classlab.report.claims import load_claims
+    from classlab.report.shift import shift_claims, write_dg_tables
+
+    claims = load_claims(a.claims_dir)  # first: a malformed claims file fails before any table is written
+    runs = write_dg_tables(a.records, Path(a.runs_csv), Path(a.summary_csv), Path(a.summary_md))
+    write_text(a.claims_csv, shift_claims(runs, claims).to_csv(index=False))
+
+
 def _figures_discovery(a):
     from classlab.report import discovery
 
@@ -471,6 +501,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=_figures_discovery)
 
+    p = sub.add_parser("build-domains", help="write domain-generalisation environments (rotated, colored) and their manifest")
+    p.add_argument("--data", required=True, help="prepared dataset directory")
+    p.add_argument("--params", required=True, help="JSON: kind and the domain recipe")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=_build_domains)
+
+    p = sub.add_parser("train-dg", help="one DomainBed job: every hyperparameter draw of a method for one test domain and trial")
+    p.add_argument("--method", required=True)
+    p.add_argument("--domains", required=True, help="directory of build-domains")
+    p.add_argument("--test-domain", required=True)
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--backbone-kwargs", default="{}")
+    p.add_argument("--trial", type=int, required=True, help="seeds the 80/20 split, the draws and the models")
+    p.add_argument("--n-draws", type=int, required=True, help="hyperparameter draws (draw 0: the defaults)")
+    p.add_argument("--overrides", default="{}", help="JSON hyperparameter overrides (never searched over)")
+    p.add_argument("--work-dir", required=True, help="per-draw records and resume checkpoints")
+    p.add_argument("--out", required=True, help="records.json")
+    _add_execution_options(p)
+    p.set_defaults(func=_train_dg)
+
+    p = sub.add_parser("aggregate-shift", help="DomainBed tables (both selections) and the shift family's claims")
+    p.add_argument("--records", nargs="+", required=True)
+    _add_table_outputs(p)
+    p.set_defaults(func=_aggregate_shift)
+
     p = sub.add_parser("explain", help="saliency maps of a checkpoint on the test scenes of a scenes dataset")
     p.add_argument("--checkpoint", required=True, help="a model.pt of any family (or a promptcam run's)")
     p.add_argument("--data", required=True, help="a prepared scenes dataset (data/prepared/<name>_scenes)")
@@ -518,11 +573,12 @@ def main(argv: list[str] | None = None) -> int:
     from classlab.data.discovery_split import SplitError
     from classlab.data.scenarios import ScenarioError
     from classlab.engine.checkpoint import CheckpointError
+    from classlab.data.domains import DomainError
     from classlab.protocols.explain import ExplainError
 
     try:
         args.func(args)
-    except (ConfigError, ChecksumError, CheckpointError, ScenarioError, SplitError, ExplainError) as exc:
+    except (ConfigError, ChecksumError, CheckpointError, ScenarioError, SplitError, ExplainError, DomainError) as exc:
         print(f"classlab {args.stage}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -36,12 +36,16 @@ METHOD_CONFIGS = ROOT / "config" / "methods"
 METHOD_PACKAGES = Path(__file__).resolve().parent / "methods"
 SCHEMA_FILE = "_schema.yaml"  # the shared declarations: config/methods/_schema.yaml, config/methods/<family>/_schema.yaml
 
-METHOD_KEYS = ("paper", "extends", "scenario_kinds", "hparams", "schema")
+METHOD_KEYS = ("paper", "extends", "scenario_kinds", "hparams", "schema", "search")
 # the scenario kinds of the incremental family's protocols (the last two build their own scenario)
 SCENARIO_KINDS = ("class_incremental", "few_shot", "si_blurry", "multilabel", "continual_forgetting")
 # the split kinds of the discovery protocol (classlab.data.discovery_split; latent_shift: LLS's domains)
 DISCOVERY_KINDS = ("gcd", "ncd", "continual", "active", "latent_shift")
-PROTOCOL_KINDS = {"incremental": SCENARIO_KINDS, "discovery": DISCOVERY_KINDS}
+# the shift family's protocols (classlab.protocols.shift): DomainBed's leave-one-domain-out and online TTA
+SHIFT_KINDS = ("domain_generalization", "test_time")
+PROTOCOL_KINDS = {"incremental": SCENARIO_KINDS, "discovery": DISCOVERY_KINDS, "shift": SHIFT_KINDS}
+# the distributions of a method's random hyperparameter search (`search:` in its YAML, DomainBed's sweep)
+SEARCH_DISTRIBUTIONS = ("log10_uniform", "uniform", "choice", "int_log2_uniform", "int_uniform")
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -162,9 +166,9 @@ def method_spec(family: str, method: str, _chain: tuple[str, ...] = ()) -> dict[
         # an ablation or variant: another method's YAML of the same family, then its changes
         spec = method_spec(family, str(doc["extends"]), _chain + (method,))
         spec = {"hparams": dict(spec["hparams"]), "origin": dict(spec["origin"]), "schema": dict(spec["schema"]),
-                "scenario_kinds": spec["scenario_kinds"], "chain": [method] + spec["chain"]}
+                "search": dict(spec["search"]), "scenario_kinds": spec["scenario_kinds"], "chain": [method] + spec["chain"]}
     else:
-        spec = {"hparams": {}, "origin": {}, "schema": {}, "scenario_kinds": None, "chain": [method]}
+        spec = {"hparams": {}, "origin": {}, "schema": {}, "search": {}, "scenario_kinds": None, "chain": [method]}
     for key, value in (doc.get("hparams") or {}).items():
         spec["hparams"][key] = value
         spec["origin"][key] = _rel(path)
@@ -172,6 +176,17 @@ def method_spec(family: str, method: str, _chain: tuple[str, ...] = ()) -> dict[
     if not isinstance(own_schema, dict) or not all(isinstance(v, dict) for v in own_schema.values()):
         raise ConfigError(f"{_rel(path)}: schema: a mapping of hyperparameter -> JSON Schema fragment expected")
     spec["schema"].update(own_schema)
+    search = doc.get("search") or {}
+    for key, dist in (search.items() if isinstance(search, dict) else [(None, None)]):
+        ok = isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in SEARCH_DISTRIBUTIONS
+        if ok:
+            kind, args = next(iter(dist.items()))
+            ok = isinstance(args, list) and len(args) >= 1 and (kind == "choice" or (
+                len(args) == 2 and all(isinstance(a, (int, float)) for a in args) and args[0] <= args[1]))
+        if not ok:
+            raise ConfigError(f"{_rel(path)}: search.{key}: one of {list(SEARCH_DISTRIBUTIONS)} with its "
+                              f"arguments expected ([lo, hi] with lo <= hi, or a list of choices), got {dist!r}")
+    spec["search"].update(search)
     if "scenario_kinds" in doc:
         kinds = doc["scenario_kinds"]
         allowed = PROTOCOL_KINDS.get(family, ())
@@ -388,6 +403,8 @@ def validate_config(config: dict) -> dict:
         problems += _validate_teacher(config["families"]["distill"]["teacher"])
     if "explain" in config["families"]:
         problems += _validate_explain(config)
+    if "shift" in config["families"]:
+        problems += _validate_shift(config)
     for family, spec in config["families"].items():
         known = list_methods(family)
         spec.setdefault("overrides", {})
@@ -689,3 +706,95 @@ def _validate_discovery(config: dict) -> list[str]:
     problems += _check_method("pretrain", "supervised", {**config["pretrain"]["overrides"], **spec["pretrain_known"]},
                               "families.discovery.pretrain_known")
     return problems
+
+
+def _validate_shift(config: dict) -> list[str]:
+    """Domain suites, their test domains, the methods' protocol kinds and every hyperparameter draw
+    of the sweep (a search range outside a key's schema is caught here, not in the 40th job)."""
+    from classlab.data.domains import DomainError, domain_names, resolve_recipe
+
+    spec = config["families"]["shift"]
+    problems: list[str] = []
+    dg = spec.get("dg")
+    methods: list[str] = []
+    if dg:
+        dg.setdefault("test_domains", {})
+        dg.setdefault("n_draws", 4)
+        for name, recipe in dg["suites"].items():
+            recipe = dict(recipe)
+            kind = recipe.pop("kind")
+            try:
+                names = domain_names(kind, resolve_recipe(kind, recipe, f"families.shift.dg.suites.{name}"))
+            except DomainError as exc:
+                problems.append(f"config key {exc}")
+                continue
+            for domain in dg["test_domains"].get(name, []):
+                if domain not in names:
+                    problems.append(f"config key families.shift.dg.test_domains.{name}: test domain {domain!r} is "
+                                    f"not among the domains of suite {name!r}: {names}")
+        for name in dg["test_domains"]:
+            if name not in dg["suites"]:
+                problems.append(f"config key families.shift.dg.test_domains.{name}: no such suite; allowed values: "
+                                f"{sorted(dg['suites'])}")
+        known = list_methods("shift")
+        for i, method in enumerate(dg["methods"]):
+            key = f"families.shift.dg.methods[{i}]"
+            if method not in known:
+                continue  # named by the generic check below
+            kinds = method_scenario_kinds("shift", method) or ()
+            if "domain_generalization" not in kinds:
+                problems.append(f"config key {key}: {method!r} runs on {list(kinds)}, not on domain_generalization")
+                continue
+            overrides = spec.get("overrides", {}).get(method) or {}
+            for draw in range(1, dg["n_draws"]):
+                for seed in config["seeds"]:
+                    try:
+                        hp = draw_hparams("shift", method, draw, int(seed), overrides)
+                        bad = check_hparams("shift", method, hp, {})
+                    except ConfigError as exc:
+                        bad = [str(exc)]
+                    problems += [f"config key {key}: draw {draw} of its search ({_rel(method_config_path('shift', method))}"
+                                 f" search:) gives {b}" for b in bad]
+        methods += dg["methods"]
+    spec["methods"] = list(dict.fromkeys(methods))
+    return problems
+
+
+# --- random hyperparameter search (DomainBed's sweep) ---------------------------------------------
+
+def method_search(family: str, method: str) -> dict[str, dict]:
+    """The method's ``search:`` distributions, through its ``extends`` chain."""
+    return dict(method_spec(family, method)["search"])
+
+
+def draw_hparams(family: str, method: str, draw: int, trial: int, overrides: dict | None = None) -> dict[str, Any]:
+    """Draw ``draw`` of the method's random search for ``trial``: draw 0 is the defaults (as
+    DomainBed's hparams seed 0), draw k > 0 samples every ``search:`` entry from a generator seeded by
+    (method, draw, trial), so that each trial gets its own draws, the same on every machine.
+    ``overrides`` (the config's) are applied last and are never searched over."""
+    if not isinstance(draw, int) or draw < 0:
+        raise ConfigError(f"draw: {draw!r}; give an integer >= 0")
+    import hashlib
+
+    import numpy as np
+
+    hp = resolve_hparams(family, method, overrides)
+    if draw == 0:
+        return hp
+    digest = hashlib.sha256(f"{family}/{method}/{draw}/{trial}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    for key, dist in sorted(method_search(family, method).items()):
+        kind, args = next(iter(dist.items()))
+        if kind == "log10_uniform":
+            value = float(10 ** rng.uniform(args[0], args[1]))
+        elif kind == "uniform":
+            value = float(rng.uniform(args[0], args[1]))
+        elif kind == "int_log2_uniform":
+            value = int(2 ** rng.uniform(args[0], args[1]))
+        elif kind == "int_uniform":  # an integer in [lo, hi]
+            value = int(rng.integers(int(args[0]), int(args[1]) + 1))
+        else:  # choice
+            value = args[int(rng.integers(len(args)))]
+        if key not in (overrides or {}):
+            hp[key] = value
+    return hp

@@ -106,6 +106,8 @@ def all_targets():
         targets += incremental_figure_targets()
     if "explain" in FAMILIES:
         targets += explain_targets()
+    if "shift" in FAMILIES:
+        targets += shift_targets()
     if "discovery" in FAMILIES:
         targets += ["results/tables/discovery/summary.md", "results/tables/discovery/summary.csv"]
         targets += expand("results/figures/discovery/{name}.png", name=DISCOVERY_FIGURES)
@@ -555,3 +557,54 @@ def explain_figure_inputs(wildcards):
         "maps": [f"{base}/{m}/seed{first}/maps.npz" for m in methods],
         "metrics": [f"{base}/{m}/seed{s}/metrics.json" for m in methods for s in SEEDS],
     }
+
+
+# --- family `shift`: domain generalisation (DomainBed) --------------------------------------
+
+SHIFT = FAMILIES.get("shift", {})
+SHIFT_DG = SHIFT.get("dg", {})
+SHIFT_SUITES = SHIFT_DG.get("suites", {})
+
+
+def suite_domains(suite):
+    """The domain names of a suite (classlab.data.domains), known at parse time from its recipe."""
+    from classlab.data.domains import domain_names, resolve_recipe
+
+    recipe = dict(SHIFT_SUITES[suite])
+    kind = recipe.pop("kind")
+    return domain_names(kind, resolve_recipe(kind, recipe))
+
+
+def suite_test_domains(suite):
+    return SHIFT_DG.get("test_domains", {}).get(suite) or suite_domains(suite)
+
+
+def suite_params_json(wildcards):
+    return json.dumps(SHIFT_SUITES[wildcards.suite], sort_keys=True)
+
+
+def dg_overrides(wildcards):
+    return json.dumps(SHIFT.get("overrides", {}).get(wildcards.dg_method, {}), sort_keys=True)
+
+
+def dg_training_params(wildcards):
+    return json.dumps([dg_overrides(wildcards), backbone_kwargs_json(wildcards), SHIFT_DG.get("n_draws", 4)])
+
+
+def dg_records():
+    out = []
+    for suite in SHIFT_SUITES:
+        out += expand(
+            "results/eval/shift/dg/{dataset}/{backbone}/{suite}/{test_domain}/{method}/trial{seed}/records.json",
+            dataset=DATASETS,
+            backbone=BACKBONES,
+            suite=[suite],
+            test_domain=suite_test_domains(suite),
+            method=SHIFT_DG.get("methods", []),
+            seed=SEEDS,
+        )
+    return out
+
+
+def shift_targets():
+    return ["results/tables/shift/summary.md", "results/tables/shift/summary.csv"] if SHIFT_DG else []
