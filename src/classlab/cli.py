@@ -185,11 +185,27 @@ def _train_dg(a):
 def _aggregate_shift(a):
     from classlab.io import write_text
     from classlab.report.claims import load_claims
-    from classlab.report.shift import shift_claims, write_dg_tables
+    from classlab.report.shift import shift_claims, write_shift_tables
 
     claims = load_claims(a.claims_dir)  # first: a malformed claims file fails before any table is written
-    runs = write_dg_tables(a.records, Path(a.runs_csv), Path(a.summary_csv), Path(a.summary_md))
+    runs = write_shift_tables(a.records, a.tta_metrics, Path(a.runs_csv), Path(a.summary_csv), Path(a.summary_md))
     write_text(a.claims_csv, shift_claims(runs, claims).to_csv(index=False))
+
+
+def _source_statistics(a):
+    from classlab.protocols.shift import compute_source_statistics_file
+
+    compute_source_statistics_file(Path(a.checkpoint), Path(a.data), Path(a.out), a.per_class, threads=a.threads,
+                                   device=a.device)
+
+
+def _adapt_test_time(a):
+    from classlab.protocols.shift import run_test_time
+
+    streams = [(name, int(sev)) for name, sev in json.loads(a.streams)]
+    run_test_time(a.method, Path(a.checkpoint), Path(a.data), a.seed, streams, Path(a.out), a.test_per_class,
+                  a.batch_size, Path(a.source_stats) if a.source_stats else None, json.loads(a.overrides),
+                  a.threads, a.device)
 
 
 def _figures_discovery(a):
@@ -521,8 +537,31 @@ def main(argv: list[str] | None = None) -> int:
     _add_execution_options(p)
     p.set_defaults(func=_train_dg)
 
-    p = sub.add_parser("aggregate-shift", help="DomainBed tables (both selections) and the shift family's claims")
-    p.add_argument("--records", nargs="+", required=True)
+    p = sub.add_parser("source-statistics", help="class-conditional feature statistics of a source model on its train split")
+    p.add_argument("--checkpoint", required=True, help="the source model.pt")
+    p.add_argument("--data", required=True, help="prepared dataset directory")
+    p.add_argument("--per-class", type=int, default=0, help="a seeded subset of this many train images per class (0: all)")
+    p.add_argument("--out", required=True)
+    _add_execution_options(p)
+    p.set_defaults(func=_source_statistics)
+
+    p = sub.add_parser("adapt-test-time", help="online test-time adaptation of a source model over corrupted test streams")
+    p.add_argument("--method", required=True)
+    p.add_argument("--checkpoint", required=True, help="the source model.pt")
+    p.add_argument("--data", required=True, help="prepared dataset directory (its test split)")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--streams", required=True, help='JSON list of [corruption, severity], e.g. [["fog", 3]]')
+    p.add_argument("--test-per-class", type=int, required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--source-stats", default=None)
+    p.add_argument("--overrides", default="{}")
+    p.add_argument("--out", required=True)
+    _add_execution_options(p)
+    p.set_defaults(func=_adapt_test_time)
+
+    p = sub.add_parser("aggregate-shift", help="DomainBed tables (both selections), TTA tables and the shift family's claims")
+    p.add_argument("--records", nargs="*", default=[])
+    p.add_argument("--tta-metrics", nargs="*", default=[])
     _add_table_outputs(p)
     p.set_defaults(func=_aggregate_shift)
 

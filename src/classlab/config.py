@@ -756,6 +756,27 @@ def _validate_shift(config: dict) -> list[str]:
                     problems += [f"config key {key}: draw {draw} of its search ({_rel(method_config_path('shift', method))}"
                                  f" search:) gives {b}" for b in bad]
         methods += dg["methods"]
+    tta = spec.get("tta")
+    if tta:
+        from classlab.data.corruptions import CORRUPTIONS
+
+        for key, value in (("source", "erm"), ("test_samples_per_class", 200), ("batch_size", 64),
+                           ("stats_samples_per_class", 1000)):
+            tta.setdefault(key, value)
+        for i, name in enumerate(tta["corruptions"]):
+            if name not in CORRUPTIONS:
+                problems.append(f"config key families.shift.tta.corruptions[{i}]: corruption {name!r} does not exist; "
+                                f"valid: {sorted(CORRUPTIONS)}")
+        supervised = config["families"].get("supervised", {}).get("methods", [])
+        if tta["source"] not in supervised:
+            problems.append(f"config key families.shift.tta.source: {tta['source']!r} is not in "
+                            f"families.supervised.methods {supervised}: the source model is that family's checkpoint")
+        known = list_methods("shift")
+        for i, method in enumerate(tta["methods"]):
+            if method in known and "test_time" not in (method_scenario_kinds("shift", method) or ()):
+                problems.append(f"config key families.shift.tta.methods[{i}]: {method!r} runs on "
+                                f"{list(method_scenario_kinds('shift', method) or ())}, not on test_time")
+        methods += tta["methods"]
     spec["methods"] = list(dict.fromkeys(methods))
     return problems
 

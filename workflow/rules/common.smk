@@ -606,5 +606,52 @@ def dg_records():
     return out
 
 
+# --- family `shift`: test-time adaptation ------------------------------------------------------
+
+SHIFT_TTA = SHIFT.get("tta", {})
+
+
+def tta_source_checkpoint(wildcards):
+    # DVC-tracked checkpoints: ancient() so that a `dvc pull` (fresh mtimes) recomputes nothing
+    return ancient(
+        f"results/checkpoints/supervised/{wildcards.dataset}/{wildcards.backbone}/{SHIFT_TTA['source']}/seed{wildcards.seed}/model.pt"
+    )
+
+
+def tta_inputs(wildcards):
+    # every method gets the source statistics (one cheap node per seed; CAFA reads them, the others
+    # ignore them), so the DAG needs no method import at parse time
+    return {
+        "checkpoint": tta_source_checkpoint(wildcards),
+        "manifest": ancient(f"data/prepared/{wildcards.dataset}/manifest.json"),
+        "hparams": f"config/methods/shift/{wildcards.tta_method}.yaml",
+        "stats": f"results/checkpoints/shift/source_stats/{wildcards.dataset}/{wildcards.backbone}/seed{wildcards.seed}/stats.pt",
+    }
+
+
+def tta_overrides_dict(wildcards):
+    return SHIFT.get("overrides", {}).get(wildcards.tta_method, {})
+
+
+def tta_overrides(wildcards):
+    return json.dumps(tta_overrides_dict(wildcards), sort_keys=True)
+
+
+def tta_streams_json(wildcards):
+    return json.dumps([[c, s] for c in SHIFT_TTA["corruptions"] for s in SHIFT_TTA["severities"]])
+
+
+def tta_metrics():
+    if not SHIFT_TTA:
+        return []
+    return expand(
+        "results/eval/shift/tta/{dataset}/{backbone}/{method}/seed{seed}/metrics.json",
+        dataset=DATASETS,
+        backbone=BACKBONES,
+        method=SHIFT_TTA["methods"],
+        seed=SEEDS,
+    )
+
+
 def shift_targets():
-    return ["results/tables/shift/summary.md", "results/tables/shift/summary.csv"] if SHIFT_DG else []
+    return ["results/tables/shift/summary.md", "results/tables/shift/summary.csv"] if SHIFT_DG or SHIFT_TTA else []

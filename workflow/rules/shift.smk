@@ -1,12 +1,15 @@
-# Family `shift`, domain generalisation: domain suites built by code from each prepared dataset, one
-# DomainBed job per suite x test domain x method x trial (every hyperparameter draw inside it), then
-# the tables under both model selections and the claims.
+# Family `shift`. Domain generalisation: domain suites built by code from each prepared dataset, one
+# DomainBed job per suite x test domain x method x trial (every hyperparameter draw inside it).
+# Test-time adaptation: the supervised family's source model per seed, its class statistics, one job
+# per method x seed over every corrupted stream. Then the tables (both DG selections, TTA by
+# corruption and severity) and the claims.
 
 
 wildcard_constraints:
     suite=_alternatives(list(SHIFT_SUITES) or ["none"]),
     test_domain=_alternatives(sorted({d for s in SHIFT_SUITES for d in suite_domains(s)}) or ["none"]),
     dg_method=_alternatives(SHIFT_DG.get("methods") or ["none"]),
+    tta_method=_alternatives(SHIFT_TTA.get("methods") or ["none"]),
 
 
 rule build_domains:
@@ -55,9 +58,56 @@ rule train_dg:
         "--out {output} --no-progress > {log} 2>&1"
 
 
+rule compute_source_statistics:
+    input:
+        checkpoint=tta_source_checkpoint,
+        manifest=ancient("data/prepared/{dataset}/manifest.json"),
+    output:
+        "results/checkpoints/shift/source_stats/{dataset}/{backbone}/seed{seed}/stats.pt",
+    params:
+        per_class=SHIFT_TTA.get("stats_samples_per_class", 1000),
+    log:
+        "logs/compute_source_statistics/{dataset}/{backbone}/seed{seed}.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        ENV
+    shell:
+        "classlab source-statistics --checkpoint {input.checkpoint} --data data/prepared/{wildcards.dataset} "
+        "--per-class {params.per_class} --threads {threads} --out {output} > {log} 2>&1"
+
+
+rule adapt_test_time:
+    input:
+        unpack(tta_inputs),
+    output:
+        "results/eval/shift/tta/{dataset}/{backbone}/{tta_method}/seed{seed}/metrics.json",
+    params:
+        overrides=tta_overrides,
+        streams=tta_streams_json,
+        per_class=SHIFT_TTA.get("test_samples_per_class", 200),
+        batch_size=SHIFT_TTA.get("batch_size", 64),
+    log:
+        "logs/adapt_test_time/{dataset}/{backbone}/{tta_method}/seed{seed}.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        ENV
+    shell:
+        "classlab adapt-test-time --method {wildcards.tta_method} --checkpoint {input.checkpoint} "
+        "--data data/prepared/{wildcards.dataset} --seed {wildcards.seed} --streams '{params.streams}' "
+        "--test-per-class {params.per_class} --batch-size {params.batch_size} --source-stats {input.stats} "
+        "--overrides '{params.overrides}' --threads {threads} --out {output} > {log} 2>&1"
+
+
 rule aggregate_shift:
     input:
         records=dg_records(),
+        tta=tta_metrics(),
         claims="config/claims/shift.yaml",
     output:
         runs="results/tables/shift/runs.csv",
@@ -69,5 +119,5 @@ rule aggregate_shift:
     conda:
         ENV
     shell:
-        "classlab aggregate-shift --records {input.records} --runs-csv {output.runs} "
+        "classlab aggregate-shift --records {input.records} --tta-metrics {input.tta} --runs-csv {output.runs} "
         "--summary-csv {output.summary} --summary-md {output.markdown} --claims-csv {output.claims} > {log} 2>&1"

@@ -19,6 +19,17 @@ ICLR 2021). One job is one (domain suite, test domain, method, trial):
 Each draw's record is written as soon as it is done, with the fingerprint of its computation; a
 killed job resumes at the first draw without a matching record (and inside a draw at the
 engine's last epoch checkpoint).
+
+**Test-time adaptation** (TENT's protocol, Wang et al. ICLR 2021). One job is one (source model,
+method, seed). The source is a classifier of the supervised family (its ``model.pt``); CAFA also
+reads the source model's class-conditional feature statistics (``source_statistics``, their own
+DAG node). For every (corruption, severity) of the grid, a stream is built by code
+(``classlab.data.corruptions``) from a seeded, class-balanced subset of the test split in a
+seeded order, the same images in the same order for every method; the method is reset to the
+source model and meets the stream batch by batch, online: each batch is predicted by the forward
+pass its one adaptation step uses (``TestTimeMethod.forward_and_adapt``), and the stream's
+accuracy is the fraction of those predictions that are right. Nothing is chosen on the test
+split: each method runs at its paper's settings.
 """
 from __future__ import annotations
 
@@ -149,4 +160,108 @@ def describe_fingerprint(record: dict) -> str:
     return canonical(record.get("fingerprint", {}))
 
 
-__all__ = ["run_domain_generalization", "select_draws", "SELECTIONS", "DG_KIND", "DomainError"]
+# --- test-time adaptation --------------------------------------------------------------------
+
+TTA_KIND = "test_time"
+
+
+def stream_seed(seed: int, corruption: str, severity: int) -> int:
+    """The corruption noise of one stream: the same for every method, different per stream."""
+    from classlab.data.corruptions import CORRUPTIONS
+    from classlab.data.loader import mix_seed
+
+    return mix_seed(int(seed), sorted(CORRUPTIONS).index(corruption), int(severity), 4)
+
+
+def compute_source_statistics_file(checkpoint: Path, data_dir: Path, out: Path, per_class: int = 0,
+                                   eps: float | None = None, threads: int | None = None,
+                                   device: str | None = None) -> dict:
+    """The source model's class-conditional feature statistics on its dataset's train split (or a
+    seeded ``per_class`` subset of it), written to ``out``."""
+    from classlab.data.prepare import load_prepared
+    from classlab.data.scenarios import test_subset
+    from classlab.methods.source_stats import DEFAULT_EPS, save_source_statistics, source_statistics
+    from classlab.train import load_model
+
+    set_threads(threads)
+    model, meta = load_model(checkpoint)
+    data = load_prepared(Path(data_dir))
+    if int(meta["num_classes"]) != data.num_classes:
+        raise ConfigError(f"source model {checkpoint}: {meta['num_classes']} classes, dataset {data_dir}: "
+                          f"{data.num_classes}")
+    x, y = data.train.x, data.train.y
+    if per_class:
+        idx = torch.tensor(test_subset(y.numpy(), data.num_classes, per_class, 0))
+        x, y = x[idx], y[idx]
+    stats = source_statistics(model, x, y, data.num_classes, data.manifest["channel_mean"],
+                              data.manifest["channel_std"], pick_device(device),
+                              eps=DEFAULT_EPS if eps is None else eps)
+    meta_out = {"checkpoint": str(checkpoint), "checkpoint_sha256": file_digest(checkpoint),
+                "dataset": data.manifest["dataset"], "samples": int(len(y)), "split": "train"}
+    save_source_statistics(out, stats, meta_out)
+    return meta_out
+
+
+def run_test_time(method: str, checkpoint: Path, data_dir: Path, seed: int, streams: list[tuple[str, int]],
+                  out: Path, test_per_class: int, batch_size: int, source_stats: Path | None = None,
+                  overrides: dict | None = None, threads: int | None = None, device: str | None = None) -> dict:
+    """Accuracy of ``method`` over each corrupted stream; writes ``out`` (metrics.json)."""
+    from classlab.config import resolve_hparams
+    from classlab.data.corruptions import check_corruption, corrupt
+    from classlab.data.prepare import load_prepared
+    from classlab.data.scenarios import test_subset
+    from classlab.methods.source_stats import load_source_statistics
+    from classlab.train import load_model
+
+    for name, severity in streams:
+        try:
+            check_corruption(name, severity)
+        except ValueError as exc:
+            raise ConfigError(f"streams: {exc}") from None
+    if batch_size < 1 or test_per_class < 1:
+        raise ConfigError(f"batch_size {batch_size} and test_samples_per_class {test_per_class} must be >= 1")
+    set_threads(threads)
+    seed_everything(seed)
+    cls = _check_method(method, TTA_KIND)
+    hp = resolve_hparams("shift", method, overrides)
+    data = load_prepared(Path(data_dir))
+    model, meta = load_model(checkpoint)
+    if int(meta["num_classes"]) != data.num_classes:
+        raise ConfigError(f"source model {checkpoint}: {meta['num_classes']} classes, dataset {data_dir}: "
+                          f"{data.num_classes}")
+    stats = load_source_statistics(source_stats)[0] if source_stats else None
+    dev = pick_device(device)
+    learner = cls(model.to(dev), hp, data.num_classes,
+                  source_stats={k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in stats.items()}
+                  if stats else None)
+    mean = torch.tensor(data.manifest["channel_mean"], device=dev).view(1, -1, 1, 1)
+    std = torch.tensor(data.manifest["channel_std"], device=dev).view(1, -1, 1, 1)
+    idx = torch.tensor(test_subset(data.test.y.numpy(), data.num_classes, test_per_class, seed))
+    order = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(int(seed) + 77))]
+    x_clean, y = data.test.x[order], data.test.y[order]
+    results, seen, seconds = [], 0, 0.0
+    for name, severity in [("clean", 0)] + list(streams):
+        x = x_clean if name == "clean" else corrupt(x_clean, name, severity, stream_seed(seed, name, severity))
+        learner.reset()
+        correct = 0
+        t0 = time.perf_counter()
+        for start in range(0, len(y), batch_size):
+            xb = (x[start:start + batch_size].to(dev).float() / 255 - mean) / std
+            logits = learner.forward_and_adapt(xb)
+            correct += int((logits.argmax(1).cpu() == y[start:start + batch_size]).sum())
+        seconds += time.perf_counter() - t0
+        seen += len(y)
+        results.append({"corruption": name, "severity": int(severity), "accuracy": correct / len(y), "images": len(y)})
+    corrupted = [r["accuracy"] for r in results if r["corruption"] != "clean"]
+    metrics = {"family": "shift", "protocol": TTA_KIND, "method": method, "seed": int(seed),
+               "dataset": data.manifest["dataset"], "backbone": meta["backbone"],
+               "source": f"{meta.get('family', '')}/{meta.get('method', '')}", "source_checkpoint": str(checkpoint),
+               "hparams": hp, "batch_size": int(batch_size), "stream_length": int(len(y)), "streams": results,
+               "mean_corrupted_accuracy": float(np.mean(corrupted)) if corrupted else None,
+               "images_per_s": seen / max(seconds, 1e-9), "provenance": run_provenance()}
+    write_json(out, metrics)
+    return metrics
+
+
+__all__ = ["run_domain_generalization", "select_draws", "SELECTIONS", "DG_KIND", "DomainError", "run_test_time",
+           "compute_source_statistics_file", "TTA_KIND"]

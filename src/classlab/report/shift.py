@@ -73,7 +73,9 @@ def dg_summary(runs: pd.DataFrame) -> pd.DataFrame:
 def dg_markdown(summary: pd.DataFrame) -> str:
     """DomainBed's tables: per suite and selection, methods x test domains (+ Avg), accuracy %."""
     out = []
-    for (dataset, backbone, suite, selection), group in summary.groupby(["dataset", "backbone", "suite", "selection"]):
+    keyed = summary.assign(_order=summary.selection.map({s: i for i, s in enumerate(SELECTIONS)}))
+    for (dataset, backbone, suite, _, selection), group in keyed.groupby(
+            ["dataset", "backbone", "suite", "_order", "selection"]):
         domains = [d for d in dict.fromkeys(group.test_domain) if d != "avg"] + ["avg"]
         what = "training-domain validation" if selection == "training_domain" else "oracle (test-domain validation)"
         out.append(f"### {suite} ({dataset}, {backbone}): model selection by {what}\n")
@@ -102,6 +104,102 @@ def write_dg_tables(record_files, runs_csv: Path, summary_csv: Path, summary_md:
     header = ("# shift: domain generalisation (DomainBed protocol)\n\nTest-domain accuracy (%) of the draw selected "
               "by each rule, mean ± s.e. over trials; avg: the mean over test domains, per trial.\n\n")
     write_text(summary_md, header + (dg_markdown(summary) if len(summary) else "no runs\n"))
+    return runs
+
+
+# --- test-time adaptation ----------------------------------------------------------------------
+
+def tta_runs(metric_files: list[str | Path]) -> pd.DataFrame:
+    """One row per (method, seed, corruption): ``tta_acc``, the stream accuracy averaged over the
+    corruption's severities; the setting ``tta/mean`` averages over every corrupted stream and
+    ``tta/clean`` is the uncorrupted stream (column ``clean_acc``, so that no claim reads it).
+    ``scenario`` is "tta/<corruption>"."""
+    rows = []
+    for path in metric_files:
+        m = read_json(path)
+        base = {"family": "shift", "protocol": "test_time", "dataset": m["dataset"], "backbone": m["backbone"],
+                "method": m["method"], "seed": int(m["seed"]), "source": m["source"],
+                "batch_size": m["batch_size"], "images_per_s": m.get("images_per_s"),
+                "git_commit": (m.get("provenance") or {}).get("git_commit", UNKNOWN)}
+        streams = pd.DataFrame(m["streams"])
+        for name, g in streams.groupby("corruption", sort=False):
+            # the clean stream is a reference, not a claim's setting: its accuracy has its own column
+            metric = "clean_acc" if name == "clean" else "tta_acc"
+            rows.append({**base, "corruption": name, "scenario": f"tta/{name}", metric: float(g.accuracy.mean())})
+        corrupted = streams[streams.corruption != "clean"]
+        if len(corrupted):
+            rows.append({**base, "corruption": "mean", "scenario": "tta/mean", "tta_acc": float(corrupted.accuracy.mean())})
+    return pd.DataFrame(rows)
+
+
+def tta_streams(metric_files: list[str | Path]) -> pd.DataFrame:
+    rows = []
+    for path in metric_files:
+        m = read_json(path)
+        for r in m["streams"]:
+            rows.append({"method": m["method"], "seed": int(m["seed"]), **r})
+    return pd.DataFrame(rows)
+
+
+def tta_markdown(streams: pd.DataFrame, runs: pd.DataFrame) -> str:
+    """Accuracy (%) by corruption (mean over severities and seeds) and by severity (mean over
+    corruptions), mean ± s.e. over seeds."""
+    out = ["### Test-time adaptation: stream accuracy by corruption (mean over severities), mean ± s.e. over seeds\n"]
+    methods = [m for m in ("source", "bn_adapt", "tent", "cafa") if m in set(runs.method)] + \
+        sorted(set(runs.method) - {"source", "bn_adapt", "tent", "cafa"})
+    corruptions = list(dict.fromkeys(runs.corruption))
+    corruptions = [c for c in corruptions if c not in ("clean", "mean")] + ["mean", "clean"]
+    out.append("| method | " + " | ".join(corruptions) + " |")
+    out.append("|---|" + "---|" * len(corruptions))
+    for method in methods:
+        cells = []
+        for c in corruptions:
+            v = runs[(runs.method == method) & (runs.corruption == c)]["clean_acc" if c == "clean" else "tta_acc"]
+            m, se = _mean_se(v) if len(v) else (float("nan"), float("nan"))
+            cells.append("-" if np.isnan(m) else (f"{100 * m:.1f} ± {100 * se:.1f}" if not np.isnan(se) else f"{100 * m:.1f}"))
+        out.append(f"| {method} | " + " | ".join(cells) + " |")
+    corrupted = streams[streams.corruption != "clean"]
+    severities = sorted(set(corrupted.severity))
+    out.append("\n### Test-time adaptation: accuracy by severity (mean over corruptions), mean ± s.e. over seeds\n")
+    out.append("| method | " + " | ".join(f"severity {k}" for k in severities) + " |")
+    out.append("|---|" + "---|" * len(severities))
+    for method in methods:
+        cells = []
+        for k in severities:
+            per_seed = corrupted[(corrupted.method == method) & (corrupted.severity == k)].groupby("seed").accuracy.mean()
+            m, se = _mean_se(per_seed) if len(per_seed) else (float("nan"), float("nan"))
+            cells.append("-" if np.isnan(m) else (f"{100 * m:.1f} ± {100 * se:.1f}" if not np.isnan(se) else f"{100 * m:.1f}"))
+        out.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def write_shift_tables(record_files, tta_files, runs_csv: Path, summary_csv: Path, summary_md: Path) -> pd.DataFrame:
+    """Both protocols' rows in one runs.csv (``protocol`` tells them apart), the DomainBed summary
+    and the TTA tables in summary.md."""
+    dg = dg_runs(record_files) if record_files else pd.DataFrame()
+    tta = tta_runs(tta_files) if tta_files else pd.DataFrame()
+    runs = pd.concat([dg, tta], ignore_index=True)
+    summary = dg_summary(dg) if len(dg) else pd.DataFrame()
+    if len(tta):
+        t = tta.groupby(["dataset", "backbone", "method", "corruption"]).tta_acc
+        tsum = t.agg(["mean", "std", "count"]).reset_index().rename(
+            columns={"mean": "acc_mean", "std": "acc_std", "count": "seeds"})
+        tsum["protocol"] = "test_time"
+        summary = pd.concat([summary.assign(protocol="domain_generalization") if len(summary) else summary, tsum],
+                            ignore_index=True)
+    write_text(runs_csv, runs.to_csv(index=False))
+    write_text(summary_csv, summary.to_csv(index=False))
+    parts = ["# shift\n"]
+    if len(dg):
+        parts.append("## Domain generalisation (DomainBed protocol)\n\nTest-domain accuracy (%) of the draw selected "
+                     "by each rule, mean ± s.e. over trials; avg: the mean over test domains, per trial.\n")
+        parts.append(dg_markdown(dg_summary(dg)))
+    if len(tta):
+        sources = ", ".join(sorted(set(tta.source)))
+        parts.append(f"## Test-time adaptation\n\nSource model: {sources}; online, one step per batch of "
+                     f"{int(tta.batch_size.iloc[0])}.\n")
+        parts.append(tta_markdown(tta_streams(tta_files), tta))
+    write_text(summary_md, "\n".join(parts) if len(parts) > 1 else "no runs\n")
     return runs
 
 
