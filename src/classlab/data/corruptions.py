@@ -28,9 +28,10 @@ import math
 from typing import Callable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy import ndimage
+
+# torch is imported inside the functions that use it: config validation reads CORRUPTIONS and
+# check_corruption without loading torch
 
 SEVERITY_RANGE = (1, 5)
 CHUNK = 2048  # images per vectorised step (memory bound; results do not depend on it being fixed)
@@ -72,6 +73,8 @@ def _scale(x: np.ndarray) -> float:
 
 
 def _generator(seed) -> np.random.Generator:
+    import torch
+
     if isinstance(seed, np.random.Generator):
         return seed
     if isinstance(seed, torch.Generator):
@@ -83,6 +86,9 @@ def _generator(seed) -> np.random.Generator:
 
 def _convolve_each(x: np.ndarray, kernels: np.ndarray) -> np.ndarray:
     """Convolve image n (all its channels) with kernels[n] (K x K, K odd), replicate padding."""
+    import torch
+    import torch.nn.functional as F
+
     n, c, h, w = x.shape
     k = kernels.shape[-1]
     xt = torch.from_numpy(np.ascontiguousarray(x)).reshape(1, n * c, h, w)
@@ -284,12 +290,13 @@ def check_corruption(name: str, severity: int) -> None:
         raise ValueError(f"severity {severity} is outside {lo}-{hi}")
 
 
-def corrupt(x: torch.Tensor | np.ndarray, name: str, severity: int, seed) -> torch.Tensor:
+def corrupt(x: "torch.Tensor | np.ndarray", name: str, severity: int, seed) -> "torch.Tensor":
     """``x`` (uint8, (N, C, H, W)) with corruption ``name`` at ``severity`` (1-5); uint8, same shape.
 
     ``seed``: an int, a ``numpy.random.Generator`` or a ``torch.Generator`` (the same seed gives
     the same images).
     """
+    import torch
     check_corruption(name, severity)
     arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     if arr.dtype != np.uint8 or arr.ndim != 4:

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from classlab.io import atomic_path, read_json, write_json
+
+if TYPE_CHECKING:  # torch is imported where it is used: config validation reads the recipes without it
+    import torch
 
 DOMAIN_KINDS = ("rotated", "colored")
 DEFAULTS = {
@@ -115,6 +118,8 @@ def _rotate(x: torch.Tensor, angle: float) -> torch.Tensor:
 def build_domains(kind: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, recipe: dict | None = None,
                   dataset: str = "") -> DomainSet:
     """Environments of ``kind`` from uint8 images ``x`` (N, C, H, W) and labels ``y``."""
+    import torch
+
     recipe = resolve_recipe(kind, recipe)
     names = domain_names(kind, recipe)
     shares = _deal(len(y), len(names), recipe["per_domain"], recipe["seed"])
@@ -161,6 +166,8 @@ def build_domains(kind: str, x: torch.Tensor, y: torch.Tensor, num_classes: int,
 
 def save_domains(out_dir: Path, domains: DomainSet) -> None:
     """``domains.pt`` then ``manifest.json``, each atomic; the manifest is written last."""
+    import torch
+
     out_dir = Path(out_dir)
     with atomic_path(out_dir / "domains.pt") as tmp:
         torch.save({"x": domains.x, "y": domains.y, "domain": domains.domain}, tmp)
@@ -168,6 +175,8 @@ def save_domains(out_dir: Path, domains: DomainSet) -> None:
 
 
 def load_domains(out_dir: Path) -> DomainSet:
+    import torch
+
     out_dir = Path(out_dir)
     manifest = read_json(out_dir / "manifest.json")
     blob = torch.load(out_dir / manifest["file"], weights_only=True)
@@ -178,6 +187,8 @@ def in_out_split(domains: DomainSet, trial: int, holdout: float = 0.2) -> tuple[
     """DomainBed's per-environment split for one trial: ``holdout`` of each environment is its
     "out" part (validation), the rest its "in" part (training, and the test domain's reported
     accuracy). Returns {domain index: positions} for in and out."""
+    import torch
+
     if not 0 < holdout < 1:
         raise DomainError(f"holdout: {holdout!r}; give a fraction in (0, 1)")
     ins, outs = {}, {}
