@@ -179,3 +179,11 @@ def test_the_config_accepts_a_dg_grid_and_names_each_bad_field():
 def test_saved_domains_round_trip(toy_domains):
     d = load_domains(toy_domains)
     assert d.names == ["rot0", "rot90", "rot180"] and d.x.dtype == torch.uint8 and len(d.y) == 480
+
+
+def test_rotated_domains_can_be_subsampled_after_rotation():
+    x, y = _images(300, size=8)
+    full = build_domains("rotated", x, y, 4, {"angles": [0, 90]})
+    half = build_domains("rotated", x, y, 4, {"angles": [0, 90], "downsample": 2})
+    assert half.x.shape[2:] == (4, 4) and half.manifest["img_size"] == [4, 4]
+    assert torch.equal(half.x, full.x[:, :, ::2, ::2])

@@ -188,7 +188,8 @@ def _aggregate_shift(a):
     from classlab.report.shift import shift_claims, write_shift_tables
 
     claims = load_claims(a.claims_dir)  # first: a malformed claims file fails before any table is written
-    runs = write_shift_tables(a.records, a.tta_metrics, Path(a.runs_csv), Path(a.summary_csv), Path(a.summary_md))
+    runs = write_shift_tables(a.records, a.tta_metrics, Path(a.runs_csv), Path(a.summary_csv), Path(a.summary_md),
+                              Path(a.dg_table) if a.dg_table else None, Path(a.tta_table) if a.tta_table else None)
     write_text(a.claims_csv, shift_claims(runs, claims).to_csv(index=False))
 
 
@@ -562,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("aggregate-shift", help="DomainBed tables (both selections), TTA tables and the shift family's claims")
     p.add_argument("--records", nargs="*", default=[])
     p.add_argument("--tta-metrics", nargs="*", default=[])
+    p.add_argument("--dg-table", default=None, help="the DomainBed tables as one CSV (HTML report)")
+    p.add_argument("--tta-table", default=None, help="TTA accuracy by corruption as a CSV (HTML report)")
     _add_table_outputs(p)
     p.set_defaults(func=_aggregate_shift)
 

@@ -111,8 +111,20 @@ rule aggregate_shift:
         claims="config/claims/shift.yaml",
     output:
         runs="results/tables/shift/runs.csv",
-        summary=report("results/tables/shift/summary.csv", category="shift"),
+        summary="results/tables/shift/summary.csv",
         markdown="results/tables/shift/summary.md",
+        dg_table=report(
+            "results/tables/shift/dg_table.csv",
+            caption="../report/shift_dg.rst",
+            category="shift",
+            subcategory="tables",
+        ),
+        tta_table=report(
+            "results/tables/shift/tta_table.csv",
+            caption="../report/shift_tta.rst",
+            category="shift",
+            subcategory="tables",
+        ),
         claims="results/tables/shift/claims.csv",
     log:
         "logs/aggregate_shift.log",
@@ -120,4 +132,5 @@ rule aggregate_shift:
         ENV
     shell:
         "classlab aggregate-shift --records {input.records} --tta-metrics {input.tta} --runs-csv {output.runs} "
-        "--summary-csv {output.summary} --summary-md {output.markdown} --claims-csv {output.claims} > {log} 2>&1"
+        "--summary-csv {output.summary} --summary-md {output.markdown} --claims-csv {output.claims} "
+        "--dg-table {output.dg_table} --tta-table {output.tta_table} > {log} 2>&1"

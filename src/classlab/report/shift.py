@@ -173,9 +173,39 @@ def tta_markdown(streams: pd.DataFrame, runs: pd.DataFrame) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_shift_tables(record_files, tta_files, runs_csv: Path, summary_csv: Path, summary_md: Path) -> pd.DataFrame:
+def _cell(m: float, se: float) -> str:
+    if np.isnan(m):
+        return "-"
+    return f"{100 * m:.1f} ± {100 * se:.1f}" if not np.isnan(se) else f"{100 * m:.1f}"
+
+
+def dg_report_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The DomainBed tables as one CSV for the HTML report: suite, selection, method, one column per
+    test domain and avg, each "mean ± s.e." (%)."""
+    rows = []
+    for (suite, selection, method), g in summary.groupby(["suite", "selection", "method"]):
+        row = {"suite": suite, "selection": selection, "method": method}
+        for _, r in g.iterrows():
+            row[r.test_domain] = _cell(r.acc_mean, r.acc_se)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def tta_report_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Method x corruption (mean over severities), "mean ± s.e." over seeds (%), for the HTML report."""
+    rows = []
+    for method, g in runs.groupby("method"):
+        row = {"method": method}
+        for c, gc in g.groupby("corruption", sort=False):
+            row[c] = _cell(*_mean_se(gc["clean_acc" if c == "clean" else "tta_acc"]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_shift_tables(record_files, tta_files, runs_csv: Path, summary_csv: Path, summary_md: Path,
+                       dg_table: Path | None = None, tta_table: Path | None = None) -> pd.DataFrame:
     """Both protocols' rows in one runs.csv (``protocol`` tells them apart), the DomainBed summary
-    and the TTA tables in summary.md."""
+    and the TTA tables in summary.md (and as CSVs for the HTML report)."""
     dg = dg_runs(record_files) if record_files else pd.DataFrame()
     tta = tta_runs(tta_files) if tta_files else pd.DataFrame()
     runs = pd.concat([dg, tta], ignore_index=True)
@@ -189,6 +219,10 @@ def write_shift_tables(record_files, tta_files, runs_csv: Path, summary_csv: Pat
                             ignore_index=True)
     write_text(runs_csv, runs.to_csv(index=False))
     write_text(summary_csv, summary.to_csv(index=False))
+    if dg_table is not None:
+        write_text(dg_table, dg_report_table(dg_summary(dg)).to_csv(index=False) if len(dg) else "no runs\n")
+    if tta_table is not None:
+        write_text(tta_table, tta_report_table(tta).to_csv(index=False) if len(tta) else "no runs\n")
     parts = ["# shift\n"]
     if len(dg):
         parts.append("## Domain generalisation (DomainBed protocol)\n\nTest-domain accuracy (%) of the draw selected "
