@@ -44,6 +44,12 @@ BACKBONE_KWARGS: dict[str, dict[str, dict]] = {
         "init": {"type": "string", "enum": ["simple", "he"]},
         "init_std": {"type": "number", "exclusiveMinimum": 0},
     },
+    # DC's ConvNet (condensation): `depth` blocks of 3x3 conv (`width` channels), instance norm, ReLU, 2x2
+    # average pooling; features are the flattened last map (img_size comes from the data)
+    "convnet_dc": {
+        "width": {"type": "integer", "minimum": 1},
+        "depth": {"type": "integer", "minimum": 1},
+    },
 }
 
 
@@ -64,7 +70,7 @@ def check_backbone_kwargs(name: str, kwargs: dict) -> None:
 
 # The named stages of each backbone (classlab.models.backbones.layer_names without building the
 # model): checked when the Snakefile is parsed, so a misspelt layer stops the run before any job.
-_DEFAULT_DEPTH = {"convnet": 5, "vit_tiny": 12, "deep_mlp": 20}
+_DEFAULT_DEPTH = {"convnet": 5, "vit_tiny": 12, "deep_mlp": 20, "convnet_dc": 3}
 
 
 def stage_names(name: str, kwargs: dict | None = None) -> list[str]:
@@ -74,7 +80,7 @@ def stage_names(name: str, kwargs: dict | None = None) -> list[str]:
         stages = [f"block{i}" for i in range(len(kwargs.get("widths", [0] * _DEFAULT_DEPTH[name])))]
     elif name == "resnet18":
         stages = ["stem", "layer1", "layer2", "layer3", "layer4"]
-    elif name in ("vit_tiny", "deep_mlp"):
+    elif name in ("vit_tiny", "deep_mlp", "convnet_dc"):
         stages = [f"block{i}" for i in range(int(kwargs.get("depth", _DEFAULT_DEPTH[name])))]
     else:
         raise ValueError(f"unknown backbone {name!r}; known: {sorted(BACKBONE_KWARGS)}")

@@ -42,7 +42,7 @@ ALL_DATASETS = sorted(
 wildcard_constraints:
     dataset=_alternatives(ALL_DATASETS),
     seed=_alternatives(SEEDS),
-    backbone=_alternatives(["convnet", "resnet18", "vit_tiny", "deep_mlp"]),
+    backbone=_alternatives(["convnet", "resnet18", "vit_tiny", "deep_mlp", "convnet_dc"]),
     pretrain=_alternatives([PRETRAIN] + list(config["pretrain"]["others"])),
 
 

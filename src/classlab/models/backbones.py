@@ -121,11 +121,44 @@ def _deep_mlp(in_chans: int, pretrained: bool, img_size: int | tuple[int, int] =
     return DeepMLP(in_chans * h * w, **kw)
 
 
+class ConvNetDC(nn.Module):
+    """DC's ConvNet (Zhao, Mopuri and Bilen, "Dataset Condensation with Gradient Matching", ICLR 2021),
+    the network of the condensation family: ``depth`` blocks (``block0`` ..) of 3x3 conv with ``width``
+    channels and a bias, instance norm (a GroupNorm with one group per channel, affine), ReLU and 2x2
+    average pooling. The feature vector is the flattened last map (DC's classifier is one linear layer
+    on it). Single-channel 28x28 images: the first conv pads by 3, so the map is 32x32 as for CIFAR.
+    """
+
+    def __init__(self, in_chans: int = 1, img_size: int = 28, width: int = 128, depth: int = 3):
+        super().__init__()
+        size, prev = int(img_size), in_chans
+        for d in range(depth):
+            pad = 3 if (in_chans == 1 and d == 0) else 1
+            self.add_module(f"block{d}", nn.Sequential(
+                nn.Conv2d(prev, width, 3, padding=pad), nn.GroupNorm(width, width, affine=True),
+                nn.ReLU(inplace=True), nn.AvgPool2d(2, 2)))
+            size, prev = (size + 2 * pad - 2) // 2, width
+        self.depth = depth
+        self.num_features = width * size * size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for d in range(self.depth):
+            x = getattr(self, f"block{d}")(x)
+        return x.flatten(1)
+
+
+def _convnet_dc(in_chans: int, pretrained: bool, img_size: int | None = None, **kw) -> nn.Module:
+    if pretrained:
+        raise ValueError("convnet_dc has no published weights; set pretrained: false")
+    return ConvNetDC(in_chans, 28 if img_size is None else int(img_size), **kw)
+
+
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "convnet": _convnet,
     "resnet18": _resnet18_small,
     "vit_tiny": _vit_tiny_p4,
     "deep_mlp": _deep_mlp,
+    "convnet_dc": _convnet_dc,
 }
 
 
@@ -136,7 +169,7 @@ def build_backbone(name: str, in_chans: int, pretrained: bool = False, img_size:
     from classlab.backbone_specs import check_backbone_kwargs
 
     check_backbone_kwargs(name, kwargs)  # the declared keywords only (SmallConvNet would swallow any)
-    if name in ("vit_tiny", "deep_mlp") and img_size is not None:
+    if name in ("vit_tiny", "deep_mlp", "convnet_dc") and img_size is not None:
         kwargs["img_size"] = img_size
     return BACKBONES[name](in_chans=in_chans, pretrained=pretrained, **kwargs)
 
