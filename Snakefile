@@ -21,6 +21,7 @@ include: "workflow/rules/incremental.smk"
 include: "workflow/rules/discovery.smk"
 include: "workflow/rules/explain.smk"
 include: "workflow/rules/shift.smk"
+include: "workflow/rules/condense.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -48,6 +49,7 @@ localrules:
     plot_explain,
     build_domains,
     aggregate_shift,
+    aggregate_condense,
 
 
 rule all:

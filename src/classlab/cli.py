@@ -193,6 +193,24 @@ def _aggregate_shift(a):
     write_text(a.claims_csv, shift_claims(runs, claims).to_csv(index=False))
 
 
+def _condense(a):
+    from classlab.protocols.condense import run_condensation
+
+    run_condensation(a.method, Path(a.data), a.images_per_class, a.seed, Path(a.out_dir), json.loads(a.overrides),
+                     json.loads(a.backbone_kwargs), a.threads, a.device, pattern=json.loads(a.pattern) or None,
+                     progress=not a.no_progress)
+
+
+def _aggregate_condense(a):
+    from classlab.io import write_text
+    from classlab.report.claims import load_claims
+    from classlab.report.condense import condense_claims, write_condense_tables
+
+    claims = load_claims(a.claims_dir)  # first: a malformed claims file fails before any table is written
+    runs = write_condense_tables(a.metrics, Path(a.runs_csv), Path(a.summary_csv), Path(a.summary_md))
+    write_text(a.claims_csv, condense_claims(runs, claims).to_csv(index=False))
+
+
 def _source_statistics(a):
     from classlab.protocols.shift import compute_source_statistics_file
 
@@ -537,6 +555,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="records.json")
     _add_execution_options(p)
     p.set_defaults(func=_train_dg)
+
+    p = sub.add_parser("condense", help="condense a prepared dataset into N images per class and evaluate them")
+    p.add_argument("--method", required=True)
+    p.add_argument("--data", required=True, help="prepared dataset directory")
+    p.add_argument("--images-per-class", type=int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--overrides", default="{}")
+    p.add_argument("--backbone-kwargs", default="{}", help="JSON kwargs of convnet_dc (width, depth)")
+    p.add_argument("--pattern", default="{}", help='JSON data variant, e.g. {"strength": 0.6, "seed": 0}')
+    p.add_argument("--out-dir", required=True)
+    _add_execution_options(p)
+    p.set_defaults(func=_condense)
+
+    p = sub.add_parser("aggregate-condense", help="tables (next to the papers' numbers) and claims of the condense family")
+    p.add_argument("--metrics", nargs="+", required=True)
+    _add_table_outputs(p)
+    p.set_defaults(func=_aggregate_condense)
 
     p = sub.add_parser("source-statistics", help="class-conditional feature statistics of a source model on its train split")
     p.add_argument("--checkpoint", required=True, help="the source model.pt")

@@ -405,6 +405,8 @@ def validate_config(config: dict) -> dict:
         problems += _validate_explain(config)
     if "shift" in config["families"]:
         problems += _validate_shift(config)
+    if "condense" in config["families"]:
+        problems += _validate_condense(config)
     for family, spec in config["families"].items():
         known = list_methods(family)
         spec.setdefault("overrides", {})
@@ -778,6 +780,27 @@ def _validate_shift(config: dict) -> list[str]:
                                 f"{list(method_scenario_kinds('shift', method) or ())}, not on test_time")
         methods += tta["methods"]
     spec["methods"] = list(dict.fromkeys(methods))
+    return problems
+
+
+def _validate_condense(config: dict) -> list[str]:
+    """Variants named by `variant_methods` exist and list only the family's methods."""
+    spec = config["families"]["condense"]
+    problems: list[str] = []
+    spec.setdefault("variants", {})
+    spec.setdefault("variant_methods", {})
+    spec.setdefault("backbone_kwargs", {})
+    if "plain" in spec["variants"]:
+        problems.append("config key families.condense.variants.plain: `plain` is the prepared dataset itself; "
+                        "name a variant otherwise")
+    for name, methods in spec["variant_methods"].items():
+        if name != "plain" and name not in spec["variants"]:
+            problems.append(f"config key families.condense.variant_methods.{name}: no such variant; allowed values: "
+                            f"{['plain', *sorted(spec['variants'])]}")
+        for i, method in enumerate(methods):
+            if method not in spec["methods"]:
+                problems.append(f"config key families.condense.variant_methods.{name}[{i}]: {method!r} is not in "
+                                f"families.condense.methods {spec['methods']}")
     return problems
 
 

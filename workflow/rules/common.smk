@@ -108,6 +108,8 @@ def all_targets():
         targets += explain_targets()
     if "shift" in FAMILIES:
         targets += shift_targets()
+    if "condense" in FAMILIES:
+        targets += ["results/tables/condense/summary.md", "results/tables/condense/summary.csv"]
     if "discovery" in FAMILIES:
         targets += ["results/tables/discovery/summary.md", "results/tables/discovery/summary.csv"]
         targets += expand("results/figures/discovery/{name}.png", name=DISCOVERY_FIGURES)
@@ -655,3 +657,42 @@ def tta_metrics():
 
 def shift_targets():
     return ["results/tables/shift/summary.md", "results/tables/shift/summary.csv"] if SHIFT_DG or SHIFT_TTA else []
+
+
+# --- family `condense` ---------------------------------------------------------------------
+
+CONDENSE = FAMILIES.get("condense", {})
+
+
+def condense_variants():
+    return ["plain", *CONDENSE.get("variants", {})]
+
+
+def condense_variant_methods(variant):
+    return CONDENSE.get("variant_methods", {}).get(variant) or CONDENSE.get("methods", [])
+
+
+def condense_overrides(wildcards):
+    return json.dumps(CONDENSE.get("overrides", {}).get(wildcards.cond_method, {}), sort_keys=True)
+
+
+def condense_pattern_json(wildcards):
+    return json.dumps(CONDENSE.get("variants", {}).get(wildcards.variant, {}), sort_keys=True)
+
+
+def condense_backbone_kwargs_json(wildcards):
+    return json.dumps(CONDENSE.get("backbone_kwargs", {}), sort_keys=True)
+
+
+def condense_metrics():
+    out = []
+    for variant in condense_variants():
+        out += expand(
+            "results/condense/{dataset}/{variant}/{method}/ipc{ipc}/seed{seed}/metrics.json",
+            dataset=DATASETS,
+            variant=[variant],
+            method=condense_variant_methods(variant),
+            ipc=CONDENSE.get("images_per_class", []),
+            seed=SEEDS,
+        )
+    return out
