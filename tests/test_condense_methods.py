@@ -76,11 +76,11 @@ def test_dsa_per_sample_draws_differ_and_grey_saturation_is_a_no_op():
 
 
 def test_herding_picks_the_sample_closest_to_the_mean_first():
-    from classlab.methods.condense.herding import herding_order
+    from classlab.protocols.memory import herding_order
 
     g = torch.Generator().manual_seed(6)
     feats = torch.randn(30, 5, generator=g)
-    order = herding_order(feats, 4)
+    order = herding_order(feats, 4, normalize=False)
     mu = feats.mean(0)
     assert int(order[0]) == int((feats - mu).norm(dim=1).argmin())
     second = ((mu - (feats + feats[order[0]]) / 2).norm(dim=1))

@@ -73,6 +73,24 @@ import torch
 from torch import nn
 
 
+def build_optimizer(params, hparams: dict, default: str = "sgd") -> torch.optim.Optimizer:
+    """timm's optimizer factory over ``params`` (tensors or param groups). ``optimizer`` names it
+    (sgd, adamw, lion, ...; ``default`` where unset); ``lr``, ``weight_decay``, ``momentum`` (SGD
+    family), ``betas`` and ``eps`` pass through, and so does every key of ``optimizer_kwargs`` (any
+    other option of the timm optimizer)."""
+    from timm.optim import create_optimizer_v2
+
+    name = hparams.get("optimizer", default)
+    kwargs = dict(hparams.get("optimizer_kwargs") or {})
+    if name in ("sgd", "nesterov", "momentum"):
+        kwargs.setdefault("momentum", hparams.get("momentum", 0.9))
+    for key in ("betas", "eps"):
+        if hparams.get(key) is not None:
+            kwargs.setdefault(key, tuple(hparams[key]) if key == "betas" else float(hparams[key]))
+    return create_optimizer_v2(params, opt=name, lr=float(hparams["lr"]),
+                               weight_decay=float(hparams.get("weight_decay", 0.0)), **kwargs)
+
+
 class Method(nn.Module):
     name: str = "method"
     family: str = ""
@@ -95,21 +113,7 @@ class Method(nn.Module):
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
-        """timm's optimizer factory. ``optimizer`` names it (sgd, adamw, lion, ...); ``lr``,
-        ``weight_decay``, ``momentum`` (SGD family), ``betas`` and ``eps`` pass through, and so does
-        every key of ``optimizer_kwargs`` (any other option of the timm optimizer)."""
-        from timm.optim import create_optimizer_v2
-
-        hp = self.hparams
-        name = hp.get("optimizer", "sgd")
-        kwargs = dict(hp.get("optimizer_kwargs") or {})
-        if name in ("sgd", "nesterov", "momentum"):
-            kwargs.setdefault("momentum", hp.get("momentum", 0.9))
-        for key in ("betas", "eps"):
-            if hp.get(key) is not None:
-                kwargs.setdefault(key, tuple(hp[key]) if key == "betas" else float(hp[key]))
-        return create_optimizer_v2(self.param_groups(), opt=name, lr=hp["lr"],
-                                   weight_decay=hp.get("weight_decay", 0.0), **kwargs)
+        return build_optimizer(self.param_groups(), self.hparams)
 
     # --- one batch --------------------------------------------------------------------
     def training_step(self, batch: dict) -> tuple[torch.Tensor, dict]:

@@ -15,9 +15,11 @@ from typing import Callable
 import torch
 
 
-def herding_order(features: torch.Tensor, m: int) -> torch.Tensor:
-    """Indices (into ``features``) of the first ``m`` herding picks, in priority order."""
-    feats = torch.nn.functional.normalize(features.float(), dim=1)
+def herding_order(features: torch.Tensor, m: int, normalize: bool = True) -> torch.Tensor:
+    """Indices (into ``features``) of the first ``m`` herding picks, in priority order, without
+    repetition. ``normalize``: on L2-normalised features (iCaRL's exemplars); off, on the features
+    as they are (the condensation baseline)."""
+    feats = torch.nn.functional.normalize(features.float(), dim=1) if normalize else features.float()
     mu = feats.mean(0)
     chosen: list[int] = []
     running = torch.zeros_like(mu)

@@ -20,24 +20,7 @@ import torch
 from classlab.methods.condense_learner import (CondensationMethod, cpu_generator, embed,
                                                train_reference_network)
 from classlab.methods.registry import register_method
-
-
-def herding_order(features: torch.Tensor, count: int) -> torch.Tensor:
-    """Positions (into ``features`` [n, d]) of ``count`` greedy herding picks, without repetition."""
-    if count > len(features):
-        raise ValueError(f"herding: {count} picks from {len(features)} candidates")
-    mu = features.mean(0)
-    running = torch.zeros_like(mu)  # sum of the picked features
-    available = torch.ones(len(features), dtype=torch.bool)
-    picks = []
-    for k in range(1, count + 1):
-        dist = (mu.unsqueeze(0) - (features + running.unsqueeze(0)) / k).norm(dim=1)  # || mu - (f_i + sum) / k ||
-        dist[~available] = float("inf")
-        i = int(dist.argmin())
-        picks.append(i)
-        available[i] = False
-        running += features[i]
-    return torch.tensor(picks, dtype=torch.long)
+from classlab.protocols.memory import herding_order
 
 
 @register_method("condense", "herding")
@@ -59,6 +42,6 @@ class Herding(CondensationMethod):
                 order = torch.randperm(len(members), generator=cpu_generator(self.seed, 9, c))
                 members = members[order[:max(int(pool), ipc)]]
             feats = embed(net, data.normalize(data.x[members]), device)
-            chosen.append(members[herding_order(feats, ipc)])
+            chosen.append(members[herding_order(feats, ipc, normalize=False)])
         idx = torch.cat(chosen)
         return data.normalize(data.x[idx]), idx

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from classlab.methods.base import build_optimizer
 from classlab.methods.registry import register_method
 from classlab.methods.shift_learner import TestTimeMethod
 from classlab.methods.shift.bn_adapt import bn_affine_parameters, require_batchnorm, use_batch_statistics
@@ -25,21 +26,6 @@ from classlab.methods.shift.bn_adapt import bn_affine_parameters, require_batchn
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
     """H(softmax(logits)) = - sum_c p_c log p_c per row."""
     return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
-
-
-def make_optimizer(params: list[torch.nn.Parameter], hparams: dict) -> torch.optim.Optimizer:
-    """timm's optimiser factory on ``params``, read as ``classlab.methods.base.Method`` reads it."""
-    from timm.optim import create_optimizer_v2
-
-    name = hparams.get("optimizer", "adam")
-    kwargs = dict(hparams.get("optimizer_kwargs") or {})
-    if name in ("sgd", "nesterov", "momentum"):
-        kwargs.setdefault("momentum", hparams.get("momentum", 0.9))
-    for key in ("betas", "eps"):
-        if hparams.get(key) is not None:
-            kwargs.setdefault(key, tuple(hparams[key]) if key == "betas" else float(hparams[key]))
-    return create_optimizer_v2(params, opt=name, lr=float(hparams["lr"]),
-                               weight_decay=float(hparams.get("weight_decay", 0.0)), **kwargs)
 
 
 @register_method("shift", "tent")
@@ -54,7 +40,7 @@ class Tent(TestTimeMethod):
                              f"have none (affine=False)")
         for p in params:
             p.requires_grad_(True)
-        self.optimizer = make_optimizer(params, self.hparams)
+        self.optimizer = build_optimizer(params, self.hparams, default="adam")
 
     def adaptation_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, logits) of one forward pass on the batch."""
