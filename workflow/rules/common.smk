@@ -631,12 +631,8 @@ def tta_inputs(wildcards):
     }
 
 
-def tta_overrides_dict(wildcards):
-    return SHIFT.get("overrides", {}).get(wildcards.tta_method, {})
-
-
 def tta_overrides(wildcards):
-    return json.dumps(tta_overrides_dict(wildcards), sort_keys=True)
+    return json.dumps(SHIFT.get("overrides", {}).get(wildcards.tta_method, {}), sort_keys=True)
 
 
 def tta_streams_json(wildcards):

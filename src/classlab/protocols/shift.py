@@ -43,7 +43,7 @@ from classlab.config import ConfigError, draw_hparams
 from classlab.data.domains import DomainError, in_out_split, load_domains
 from classlab.engine import Trainer, TrainConfig, predict_logits
 from classlab.engine.device import pick_device, seed_everything, set_threads
-from classlab.engine.fingerprint import canonical, file_digest, make_fingerprint
+from classlab.engine.fingerprint import file_digest, make_fingerprint
 from classlab.io import read_json, write_json
 from classlab.methods.registry import get_method
 from classlab.models import build_classifier
@@ -154,10 +154,6 @@ def select_draws(result: dict) -> dict:
         out[selection] = {"draw": best["draw"], "val_acc": score(best), "test_acc": best["accuracy"][f"{test}_in"],
                           "train_steps": best["train_steps"], "hparams": best["hparams"]}
     return out
-
-
-def describe_fingerprint(record: dict) -> str:
-    return canonical(record.get("fingerprint", {}))
 
 
 # --- test-time adaptation --------------------------------------------------------------------

@@ -18,13 +18,13 @@ from classlab.protocols.shift import SELECTIONS, select_draws
 from classlab.provenance import UNKNOWN
 
 
-def dg_runs(record_files: list[str | Path], suite_names: dict[str, str] | None = None) -> pd.DataFrame:
-    """One row per job: ``scenario`` is "<suite>/<test domain>" (the claims' setting);
-    ``suite_names`` maps a records file's suite directory name when it differs from the kind."""
+def dg_runs(record_files: list[str | Path]) -> pd.DataFrame:
+    """One row per job: ``scenario`` is "<suite>/<test domain>" (the claims' setting); the suite's
+    name is the records file's directory (``.../<suite>/<test domain>/<method>/trial<k>/``)."""
     rows = []
     for path in record_files:
         rec = read_json(path)
-        suite = Path(path).parents[3].name if suite_names is None else suite_names[str(path)]
+        suite = Path(path).parents[3].name
         chosen = select_draws(rec)
         row = {"family": "shift", "protocol": "domain_generalization", "dataset": rec.get("dataset", ""),
                "backbone": rec["backbone"], "suite": suite, "test_domain": rec["test_domain"],
@@ -47,6 +47,13 @@ def _mean_se(values: pd.Series) -> tuple[float, float]:
     v = values.dropna().to_numpy(dtype=float)
     se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
     return float(v.mean()), se
+
+
+def _cell(m: float, se: float) -> str:
+    """A table cell in %: "mean ± s.e.", the mean alone with one trial, "-" without any."""
+    if np.isnan(m):
+        return "-"
+    return f"{100 * m:.1f} ± {100 * se:.1f}" if not np.isnan(se) else f"{100 * m:.1f}"
 
 
 def dg_summary(runs: pd.DataFrame) -> pd.DataFrame:
@@ -85,26 +92,10 @@ def dg_markdown(summary: pd.DataFrame) -> str:
             cells = []
             for d in domains:
                 r = g[g.test_domain == d]
-                if r.empty or np.isnan(r.acc_mean.iloc[0]):
-                    cells.append("-")
-                else:
-                    se = r.acc_se.iloc[0]
-                    cells.append(f"{100 * r.acc_mean.iloc[0]:.1f} ± {100 * se:.1f}" if not np.isnan(se)
-                                 else f"{100 * r.acc_mean.iloc[0]:.1f}")
+                cells.append("-" if r.empty else _cell(r.acc_mean.iloc[0], r.acc_se.iloc[0]))
             out.append(f"| {method} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
-
-
-def write_dg_tables(record_files, runs_csv: Path, summary_csv: Path, summary_md: Path) -> pd.DataFrame:
-    runs = dg_runs(record_files)
-    summary = dg_summary(runs) if len(runs) else pd.DataFrame()
-    write_text(runs_csv, runs.to_csv(index=False))
-    write_text(summary_csv, summary.to_csv(index=False))
-    header = ("# shift: domain generalisation (DomainBed protocol)\n\nTest-domain accuracy (%) of the draw selected "
-              "by each rule, mean ± s.e. over trials; avg: the mean over test domains, per trial.\n\n")
-    write_text(summary_md, header + (dg_markdown(summary) if len(summary) else "no runs\n"))
-    return runs
 
 
 # --- test-time adaptation ----------------------------------------------------------------------
@@ -155,8 +146,7 @@ def tta_markdown(streams: pd.DataFrame, runs: pd.DataFrame) -> str:
         cells = []
         for c in corruptions:
             v = runs[(runs.method == method) & (runs.corruption == c)]["clean_acc" if c == "clean" else "tta_acc"]
-            m, se = _mean_se(v) if len(v) else (float("nan"), float("nan"))
-            cells.append("-" if np.isnan(m) else (f"{100 * m:.1f} ± {100 * se:.1f}" if not np.isnan(se) else f"{100 * m:.1f}"))
+            cells.append(_cell(*_mean_se(v)) if len(v) else "-")
         out.append(f"| {method} | " + " | ".join(cells) + " |")
     corrupted = streams[streams.corruption != "clean"]
     severities = sorted(set(corrupted.severity))
@@ -167,16 +157,9 @@ def tta_markdown(streams: pd.DataFrame, runs: pd.DataFrame) -> str:
         cells = []
         for k in severities:
             per_seed = corrupted[(corrupted.method == method) & (corrupted.severity == k)].groupby("seed").accuracy.mean()
-            m, se = _mean_se(per_seed) if len(per_seed) else (float("nan"), float("nan"))
-            cells.append("-" if np.isnan(m) else (f"{100 * m:.1f} ± {100 * se:.1f}" if not np.isnan(se) else f"{100 * m:.1f}"))
+            cells.append(_cell(*_mean_se(per_seed)) if len(per_seed) else "-")
         out.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
-
-
-def _cell(m: float, se: float) -> str:
-    if np.isnan(m):
-        return "-"
-    return f"{100 * m:.1f} ± {100 * se:.1f}" if not np.isnan(se) else f"{100 * m:.1f}"
 
 
 def dg_report_table(summary: pd.DataFrame) -> pd.DataFrame:
