@@ -143,3 +143,26 @@ def test_step_loader_resumes_mid_epoch_with_the_same_batches():
     tail = list(loader.iter_from(2))
     assert len(full) == 5 and all(torch.equal(f["x"], t["x"]) for f, t in zip(full[2:], tail))
     assert all((b["y"] == b["source"]).all() for b in full)
+
+
+def test_the_grid_config_names_each_bad_field_and_restricts_methods_per_ipc():
+    import copy
+
+    import yaml
+
+    from classlab.config import ROOT, ConfigError, validate_config
+
+    base = yaml.safe_load((ROOT / "config" / "condense_cpu.yaml").read_text())
+    checked = validate_config(copy.deepcopy(base))
+    assert checked["families"]["condense"]["ipc_methods"] == {"10": ["random", "herding"]}
+    for mutate, needle in [
+        (lambda c: c["ipc_methods"].update({"50": ["random"]}), "families.condense.ipc_methods.50: not in"),
+        (lambda c: c["ipc_methods"].update({"10": ["random", "mtt"]}), "ipc_methods.10[1]: 'mtt' is not in"),
+        (lambda c: c["variant_methods"].update(blur=["dc"]), "variant_methods.blur: no such variant"),
+        (lambda c: c["variants"].update(plain={"strength": 0.5}), "variants.plain"),
+        (lambda c: c.update(images_per_class=[0]), "images_per_class"),
+    ]:
+        bad = copy.deepcopy(base)
+        mutate(bad["families"]["condense"])
+        with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+            validate_config(bad)

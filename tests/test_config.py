@@ -13,7 +13,7 @@ def _smoke():
 
 
 def test_shipped_configs_are_valid():
-    for name in ("config.yaml", "smoke.yaml", "incremental.yaml", "incremental_cpu.yaml", "incremental_b0inc2.yaml", "shift_cpu.yaml", "shift.yaml"):
+    for name in ("config.yaml", "smoke.yaml", "incremental.yaml", "incremental_cpu.yaml", "incremental_b0inc2.yaml", "shift_cpu.yaml", "shift.yaml", "condense_cpu.yaml", "condense.yaml"):
         validate_config(yaml.safe_load((ROOT / "config" / name).read_text()))
 
 

@@ -784,11 +784,14 @@ def _validate_shift(config: dict) -> list[str]:
 
 
 def _validate_condense(config: dict) -> list[str]:
-    """Variants named by `variant_methods` exist and list only the family's methods."""
+    """Variants named by `variant_methods` exist and list only the family's methods; `ipc_methods`
+    names only images-per-class values of the grid and the family's methods."""
     spec = config["families"]["condense"]
     problems: list[str] = []
     spec.setdefault("variants", {})
     spec.setdefault("variant_methods", {})
+    # YAML reads a key 10 as an integer; the Snakefile looks the values up by string
+    spec["ipc_methods"] = {str(k): v for k, v in spec.get("ipc_methods", {}).items()}
     spec.setdefault("backbone_kwargs", {})
     if "plain" in spec["variants"]:
         problems.append("config key families.condense.variants.plain: `plain` is the prepared dataset itself; "
@@ -800,6 +803,15 @@ def _validate_condense(config: dict) -> list[str]:
         for i, method in enumerate(methods):
             if method not in spec["methods"]:
                 problems.append(f"config key families.condense.variant_methods.{name}[{i}]: {method!r} is not in "
+                                f"families.condense.methods {spec['methods']}")
+    grid_ipcs = [str(n) for n in spec.get("images_per_class", [])]
+    for ipc, methods in spec["ipc_methods"].items():
+        if str(ipc) not in grid_ipcs:
+            problems.append(f"config key families.condense.ipc_methods.{ipc}: not in families.condense.images_per_class "
+                            f"{spec.get('images_per_class', [])}")
+        for i, method in enumerate(methods):
+            if method not in spec["methods"]:
+                problems.append(f"config key families.condense.ipc_methods.{ipc}[{i}]: {method!r} is not in "
                                 f"families.condense.methods {spec['methods']}")
     return problems
 

@@ -680,15 +680,22 @@ def condense_backbone_kwargs_json(wildcards):
     return json.dumps(CONDENSE.get("backbone_kwargs", {}), sort_keys=True)
 
 
+def condense_ipc_methods(ipc):
+    by_ipc = {str(k): v for k, v in CONDENSE.get("ipc_methods", {}).items()}
+    return by_ipc.get(str(ipc)) or CONDENSE.get("methods", [])
+
+
 def condense_metrics():
     out = []
     for variant in condense_variants():
-        out += expand(
-            "results/condense/{dataset}/{variant}/{method}/ipc{ipc}/seed{seed}/metrics.json",
-            dataset=DATASETS,
-            variant=[variant],
-            method=condense_variant_methods(variant),
-            ipc=CONDENSE.get("images_per_class", []),
-            seed=SEEDS,
-        )
+        for ipc in CONDENSE.get("images_per_class", []):
+            methods = [m for m in condense_variant_methods(variant) if m in condense_ipc_methods(ipc)]
+            out += expand(
+                "results/condense/{dataset}/{variant}/{method}/ipc{ipc}/seed{seed}/metrics.json",
+                dataset=DATASETS,
+                variant=[variant],
+                method=methods,
+                ipc=[ipc],
+                seed=SEEDS,
+            )
     return out
