@@ -17,6 +17,11 @@
    the same batch of Fashion-MNIST-sized scenes (84x84), relative to Grad-CAM's in the same run.
 7. recipe_step_time: each training recipe's and distillation student's step time relative to
    erm's, measured in the same process (SAM takes two forward-backward passes, so about 2x).
+8. tta_stream: images/s of each test-time adaptation method over one corrupted stream, relative to
+   the unadapted source model's in the same run.
+9. condensation: outer iterations (image updates) per second of each bi-level condensation method
+   at 1 image per class on DC's ConvNet, as config/condense_cpu.yaml runs it, relative to DC's in
+   the same run.
 """
 from __future__ import annotations
 
@@ -414,6 +419,44 @@ def bench_tta_stream(images: int = 2000, batch: int = 64, rounds: int = 2) -> No
               "corruption_images_per_s": round(images / corrupt_s, 1)})
 
 
+def bench_condensation(networks: int = 4) -> None:
+    """The condense family's bi-level loop: ``networks`` networks (one image update each, DC's schedule
+    at 1 image per class) of dc, dsa, dcc and nrr_dd with config/condense_cpu.yaml's overrides on
+    Fashion-MNIST and convnet_dc at width 128, two threads, in one process; the loop's outer iterations
+    per second (the manifest's ``outer_iterations_per_s``: initialisation, NRR-DD's teacher included,
+    is timed apart) and the ratio to DC's measured in the same run."""
+    from classlab.engine.device import seed_everything, set_threads
+    from classlab.methods.condense_learner import RealData
+    from classlab.methods.registry import get_method
+    from classlab.models import build_classifier
+    from classlab.protocols.condense import BACKBONE, FAMILY, _resolve, condense_images
+
+    set_threads(2)
+    data = fashion_mnist()
+    grid = yaml.safe_load((ROOT / "config" / "condense_cpu.yaml").read_text())["families"]["condense"]
+    real = RealData(data.train.x, data.train.y, data.manifest["channel_mean"], data.manifest["channel_std"],
+                    data.num_classes)
+    rates = {}
+    for name in ("dc", "dsa", "dcc", "nrr_dd"):
+        # a short teacher: its quality does not change the cost of an image update
+        extra = {"teacher_steps": 50} if name == "nrr_dd" else {}
+        hp = _resolve(name, {**grid["overrides"].get(name, {}), **extra, "iterations": networks})
+        seed_everything(0)
+        model = build_classifier(BACKBONE, 1, data.num_classes, img_size=28, backbone_kwargs=grid.get("backbone_kwargs"))
+        learner = get_method(FAMILY, name)(model, hp, data.num_classes)
+        learner.seed = 0
+        with tempfile.TemporaryDirectory() as tmp:
+            _, _, manifest = condense_images(learner, name, hp, real, 1, 0, torch.device("cpu"), Path(tmp), {},
+                                             False, data, None)
+        rates[name] = (manifest["outer_iterations_per_s"], manifest["prepare_seconds"])
+    for name, (rate, prepare_s) in rates.items():
+        emit({"bench": "condensation", "method": name, "model": "convnet_dc width 128 (condense_cpu.yaml)",
+              "images_per_class": 1, "batch_real": int(_resolve(name, grid["overrides"].get(name, {}))["batch_real"]),
+              "networks": networks, "threads": 2, "outer_iterations_per_s": round(rate, 3),
+              "seconds_per_network": round(1.0 / rate, 2), "prepare_seconds": round(prepare_s, 1),
+              "relative_to_dc": round(rate / rates["dc"][0], 3)})
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bench.jsonl").unlink(missing_ok=True)
@@ -429,6 +472,7 @@ def main() -> None:
     bench_saliency()
     bench_recipe_steps()
     bench_tta_stream()
+    bench_condensation()
 
 
 if __name__ == "__main__":
