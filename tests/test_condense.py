@@ -153,8 +153,9 @@ def test_the_grid_config_names_each_bad_field_and_restricts_methods_per_ipc():
     from classlab.config import ROOT, ConfigError, validate_config
 
     base = yaml.safe_load((ROOT / "config" / "condense_cpu.yaml").read_text())
+    base["families"]["condense"].update(images_per_class=[1, 10], ipc_methods={10: ["random", "herding"]})
     checked = validate_config(copy.deepcopy(base))
-    assert checked["families"]["condense"]["ipc_methods"] == {"10": ["random", "herding"]}
+    assert checked["families"]["condense"]["ipc_methods"] == {"10": ["random", "herding"]}  # YAML's int key read
     for mutate, needle in [
         (lambda c: c["ipc_methods"].update({"50": ["random"]}), "families.condense.ipc_methods.50: not in"),
         (lambda c: c["ipc_methods"].update({"10": ["random", "mtt"]}), "ipc_methods.10[1]: 'mtt' is not in"),
