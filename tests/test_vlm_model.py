@@ -1,5 +1,6 @@
 """The vlm family's offline image-text model: the frozen MiniLM tower fed with token embeddings, the
 prompt learner, CLIP's symmetric contrastive loss."""
+import json
 import math
 
 import pytest
@@ -77,3 +78,32 @@ def test_image_text_model_logits_and_the_clipped_temperature():
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
     assert model.scale().item() == pytest.approx(100.0)
+
+
+def test_offline_clip_pretrains_on_the_base_classes_and_predicts_by_zero_shot_prompts(digits_prepared, tmp_path,
+                                                                                    one_thread):
+    """The pretrain node: trained on digits' base classes (0-4) only, saved, reloaded without the text
+    tower; its zero-shot prompts separate the base classes it saw, and the manifest says which."""
+    import numpy as np
+
+    from classlab.data.prepare import load_prepared
+    from classlab.engine import predict_logits
+    from classlab.metrics.vlm import base_to_novel_accuracy
+    from classlab.train import load_predictor, train
+
+    base = [0, 1, 2, 3, 4]
+    train("pretrain", "image_text", digits_prepared, "convnet", 0, tmp_path,
+          overrides={"classes": base, "epochs": 4, "batch_size": 64, "augment_pad": 0, "augment_hflip": False,
+                     "lr": 0.003, "embed_dim": 32},
+          backbone_kwargs={"widths": [16, 32], "pool_after": [0]}, threads=1, progress=False)
+    method, meta = load_predictor(tmp_path / "model.pt")
+    assert json.loads(meta["hparams"])["classes"] == base
+    assert method.prompt_bank.abs().sum() > 0 and method.prompt_bank.shape == (10, 6, 384)
+    data = load_prepared(digits_prepared)
+    method.eval()
+    logits = predict_logits(method, data.test.x, data.manifest["channel_mean"], data.manifest["channel_std"],
+                            torch.device("cpu")).numpy()
+    assert logits.shape == (len(data.test.y), 10)
+    acc = base_to_novel_accuracy(logits, data.test.y.numpy(), base, [5, 6, 7, 8, 9])
+    assert acc["base"] > 0.8, acc  # the aligned classes (chance among 5: 0.2)
+    assert np.isfinite(acc["new"])

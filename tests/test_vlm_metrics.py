@@ -1,0 +1,40 @@
+"""Gold tests of the vlm metrics: base / new / H and the compositional seen / unseen / H."""
+import numpy as np
+import pytest
+
+from classlab.metrics.vlm import (base_new_split, base_to_novel_accuracy, harmonic_mean, seen_unseen_accuracy,
+                                  subset_accuracy)
+
+
+def test_base_is_the_first_half_of_the_sorted_labels():
+    assert base_new_split(10) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])
+    assert base_new_split(5) == ([0, 1], [2, 3, 4])
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        base_new_split(1)
+
+
+def test_each_half_is_scored_among_its_own_classes_only():
+    # 4 classes, base {0, 1}, new {2, 3}; the largest logit of every row is a class of the other half,
+    # which must never be predicted
+    logits = np.array([[1.0, 0.0, 9.0, 0.0],   # label 0: among {0, 1} -> 0, right
+                       [2.0, 1.0, 0.0, 9.0],   # label 1: -> 0, wrong
+                       [9.0, 0.0, 0.5, 0.0],   # label 2: among {2, 3} -> 2, right
+                       [0.0, 9.0, 0.2, 0.1]])  # label 3: -> 2, wrong
+    labels = np.array([0, 1, 2, 3])
+    out = base_to_novel_accuracy(logits, labels, [0, 1], [2, 3])
+    assert out == {"base": 0.5, "new": 0.5, "hm": 0.5}
+    assert subset_accuracy(logits, labels, [0, 1, 2, 3]) == 0.0  # over every class all four are wrong
+    assert np.isnan(subset_accuracy(logits, np.array([0, 0, 1, 1]), [2, 3]))
+
+
+def test_harmonic_mean_gold_values():
+    assert harmonic_mean(0.8, 0.6) == pytest.approx(2 * 0.48 / 1.4)
+    assert harmonic_mean(0.0, 0.9) == 0.0
+    assert harmonic_mean(0.0, 0.0) == 0.0
+
+
+def test_seen_unseen_takes_the_argmax_over_every_pair():
+    logits = np.array([[3.0, 1.0, 0.0], [0.0, 1.0, 3.0], [0.0, 2.0, 1.0]])
+    labels = np.array([0, 1, 2])
+    out = seen_unseen_accuracy(logits, labels, seen=[0, 1], unseen=[2])
+    assert out["seen"] == 0.5 and out["unseen"] == 0.0 and out["hm"] == 0.0
