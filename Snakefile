@@ -22,6 +22,7 @@ include: "workflow/rules/discovery.smk"
 include: "workflow/rules/explain.smk"
 include: "workflow/rules/shift.smk"
 include: "workflow/rules/condense.smk"
+include: "workflow/rules/vlm.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -50,6 +51,7 @@ localrules:
     build_domains,
     aggregate_shift,
     aggregate_condense,
+    aggregate_vlm,
 
 
 rule all:

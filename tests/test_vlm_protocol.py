@@ -109,3 +109,27 @@ def test_bad_input_is_refused_before_anything_is_written(clip_of_base, digits_pr
     with pytest.raises(ConfigError, match="lr"):
         run_base_to_novel("coop", clip_of_base, digits_prepared, 0, tmp_path / "b", overrides={"lr": -1.0})
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_config_takes_a_vlm_grid_and_refuses_setting_the_clips_classes():
+    import copy
+
+    import yaml
+
+    from classlab.config import ROOT, validate_config
+
+    smoke = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    checked = validate_config(copy.deepcopy(smoke))
+    assert checked["families"]["vlm"]["shots"] == 4 and checked["families"]["vlm"]["test_per_class"] == 0
+    bad = copy.deepcopy(smoke)
+    bad["families"]["vlm"]["pretrain"]["classes"] = [0, 1, 2, 3, 4, 5]
+    with pytest.raises(ConfigError, match="families.vlm.pretrain.classes"):
+        validate_config(bad)
+    bad = copy.deepcopy(smoke)
+    bad["families"]["vlm"]["pretrain"]["templates"] = ["a photo"]
+    with pytest.raises(ConfigError, match="families.vlm.pretrain"):
+        validate_config(bad)
+    bad = copy.deepcopy(smoke)
+    bad["families"]["vlm"]["methods"] = ["zeroshot", "maple"]
+    with pytest.raises(ConfigError, match=r"families.vlm.methods\[1\]: 'maple' is not a method"):
+        validate_config(bad)

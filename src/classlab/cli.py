@@ -211,6 +211,24 @@ def _aggregate_condense(a):
     write_text(a.claims_csv, condense_claims(runs, claims).to_csv(index=False))
 
 
+def _base_to_novel(a):
+    from classlab.protocols.vlm import run_base_to_novel
+
+    run_base_to_novel(a.method, Path(a.pretrained), Path(a.data), a.seed, Path(a.out_dir), shots=a.shots,
+                      overrides=json.loads(a.overrides), test_per_class=a.test_per_class, threads=a.threads,
+                      device=a.device, progress=not a.no_progress)
+
+
+def _aggregate_vlm(a):
+    from classlab.io import write_text
+    from classlab.report.claims import load_claims
+    from classlab.report.vlm import vlm_claims, write_vlm_tables
+
+    claims = load_claims(a.claims_dir)  # first: a malformed claims file fails before any table is written
+    runs = write_vlm_tables(a.metrics, Path(a.runs_csv), Path(a.summary_csv), Path(a.summary_md))
+    write_text(a.claims_csv, vlm_claims(runs, claims).to_csv(index=False))
+
+
 def _source_statistics(a):
     from classlab.protocols.shift import compute_source_statistics_file
 
@@ -572,6 +590,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics", nargs="+", required=True)
     _add_table_outputs(p)
     p.set_defaults(func=_aggregate_condense)
+
+    p = sub.add_parser("base-to-novel", help="adapt the offline image-text model on few-shot base classes; base / new / H")
+    p.add_argument("--method", required=True, help="a method of config/methods/vlm/")
+    p.add_argument("--pretrained", required=True, help="the pretrain stage's image_text model.pt")
+    p.add_argument("--data", required=True, help="prepared dataset directory")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--shots", type=int, default=16, help="training images per base class (drawn per seed)")
+    p.add_argument("--test-per-class", type=int, default=0, help="a seeded subset of the test split (0: all)")
+    p.add_argument("--overrides", default="{}")
+    p.add_argument("--out-dir", required=True)
+    _add_execution_options(p)
+    p.set_defaults(func=_base_to_novel)
+
+    p = sub.add_parser("aggregate-vlm", help="base / new / H tables and the vlm family's claims")
+    p.add_argument("--metrics", nargs="+", required=True)
+    _add_table_outputs(p)
+    p.set_defaults(func=_aggregate_vlm)
 
     p = sub.add_parser("source-statistics", help="class-conditional feature statistics of a source model on its train split")
     p.add_argument("--checkpoint", required=True, help="the source model.pt")

@@ -407,6 +407,8 @@ def validate_config(config: dict) -> dict:
         problems += _validate_shift(config)
     if "condense" in config["families"]:
         problems += _validate_condense(config)
+    if "vlm" in config["families"]:
+        problems += _validate_vlm(config)
     for family, spec in config["families"].items():
         known = list_methods(family)
         spec.setdefault("overrides", {})
@@ -814,6 +816,18 @@ def _validate_condense(config: dict) -> list[str]:
                 problems.append(f"config key families.condense.ipc_methods.{ipc}[{i}]: {method!r} is not in "
                                 f"families.condense.methods {spec['methods']}")
     return problems
+
+
+def _validate_vlm(config: dict) -> list[str]:
+    """The offline CLIP's overrides are image_text's; its classes are the protocol's (the base classes)."""
+    spec = config["families"]["vlm"]
+    spec.setdefault("pretrain", {})
+    spec.setdefault("shots", 16)
+    spec.setdefault("test_per_class", 0)
+    if "classes" in spec["pretrain"]:
+        return ["config key families.vlm.pretrain.classes: the offline CLIP trains on the base classes (the first "
+                "half of the sorted labels); the protocol sets them"]
+    return _check_method("pretrain", "image_text", spec["pretrain"], "families.vlm.pretrain")
 
 
 # --- random hyperparameter search (DomainBed's sweep) ---------------------------------------------

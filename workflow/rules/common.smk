@@ -110,6 +110,8 @@ def all_targets():
         targets += shift_targets()
     if "condense" in FAMILIES:
         targets += ["results/tables/condense/summary.md", "results/tables/condense/summary.csv"]
+    if "vlm" in FAMILIES:
+        targets += ["results/tables/vlm/summary.md", "results/tables/vlm/summary.csv"]
     if "discovery" in FAMILIES:
         targets += ["results/tables/discovery/summary.md", "results/tables/discovery/summary.csv"]
         targets += expand("results/figures/discovery/{name}.png", name=DISCOVERY_FIGURES)
@@ -699,3 +701,35 @@ def condense_metrics():
                 seed=SEEDS,
             )
     return out
+
+
+# --- family `vlm` --------------------------------------------------------------------------
+
+VLM = FAMILIES.get("vlm", {})
+
+
+def vlm_backbone():
+    # the offline CLIP's image encoder: the config's first backbone
+    return config["backbones"][0]
+
+
+def vlm_pretrain_overrides_json(wildcards):
+    from classlab.data.registry import get_dataset
+    from classlab.metrics.vlm import base_new_split
+
+    base, _ = base_new_split(get_dataset(wildcards.dataset).num_classes)
+    return json.dumps({**VLM.get("pretrain", {}), "classes": base}, sort_keys=True)
+
+
+def vlm_overrides(wildcards):
+    return json.dumps(VLM.get("overrides", {}).get(wildcards.vlm_method, {}), sort_keys=True)
+
+
+def vlm_metrics():
+    return expand(
+        "results/eval/vlm/{dataset}/{backbone}/{method}/seed{seed}/metrics.json",
+        dataset=DATASETS,
+        backbone=[vlm_backbone()] if VLM else [],
+        method=VLM.get("methods", []),
+        seed=SEEDS,
+    )

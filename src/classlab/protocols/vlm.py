@@ -123,6 +123,7 @@ def run_base_to_novel(method: str, pretrained: Path, data_dir: Path, seed: int, 
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, logits=logits.astype(np.float32), labels=labels)
     metrics = {"method": method, "seed": int(seed), "shots": shots, "dataset": data.manifest.get("dataset"),
+               "backbone": meta.get("backbone", ""),
                "base_classes": base, "new_classes": new, "image_side_saw": seen, **acc,
                "shots_digest": hashlib.sha256(subset.numpy().tobytes()).hexdigest(), "train_steps": steps,
                "test_samples": int(len(labels)), "test_per_class": int(test_per_class),

@@ -1,0 +1,80 @@
+# Family `vlm`: the offline CLIP (one per dataset x backbone x seed, its image side trained on the base
+# classes only), then one job per method x seed adapting it on few-shot base classes and testing base /
+# new / H; then the tables and the claims.
+
+
+wildcard_constraints:
+    vlm_method=_alternatives(VLM.get("methods") or ["none"]),
+
+
+rule pretrain_image_text:
+    input:
+        manifest=ancient("data/prepared/{dataset}/manifest.json"),
+        hparams="config/methods/pretrain/image_text.yaml",
+    output:
+        model="results/checkpoints/vlm_pretrain/{dataset}/{backbone}/seed{seed}/model.pt",
+        history="results/checkpoints/vlm_pretrain/{dataset}/{backbone}/seed{seed}/history.json",
+    params:
+        overrides=vlm_pretrain_overrides_json,
+        backbone_kwargs=backbone_kwargs_json,
+    log:
+        "logs/pretrain_image_text/{dataset}/{backbone}/seed{seed}.log",
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=120,
+    conda:
+        ENV
+    shell:
+        "classlab train --family pretrain --method image_text --data data/prepared/{wildcards.dataset} "
+        "--backbone {wildcards.backbone} --backbone-kwargs '{params.backbone_kwargs}' --seed {wildcards.seed} "
+        "--overrides '{params.overrides}' --threads {threads} "
+        "--out-dir results/checkpoints/vlm_pretrain/{wildcards.dataset}/{wildcards.backbone}/seed{wildcards.seed} "
+        "> {log} 2>&1"
+
+
+rule adapt_prompts:
+    input:
+        pretrained=ancient("results/checkpoints/vlm_pretrain/{dataset}/{backbone}/seed{seed}/model.pt"),
+        manifest=ancient("data/prepared/{dataset}/manifest.json"),
+        hparams="config/methods/vlm/{vlm_method}.yaml",
+    output:
+        metrics="results/eval/vlm/{dataset}/{backbone}/{vlm_method}/seed{seed}/metrics.json",
+        predictions="results/eval/vlm/{dataset}/{backbone}/{vlm_method}/seed{seed}/predictions.npz",
+    params:
+        overrides=vlm_overrides,
+        shots=VLM.get("shots", 16),
+        test_per_class=VLM.get("test_per_class", 0),
+    log:
+        "logs/adapt_prompts/{dataset}/{backbone}/{vlm_method}/seed{seed}.log",
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=120,
+    conda:
+        ENV
+    shell:
+        "classlab base-to-novel --method {wildcards.vlm_method} --pretrained {input.pretrained} "
+        "--data data/prepared/{wildcards.dataset} --seed {wildcards.seed} --shots {params.shots} "
+        "--test-per-class {params.test_per_class} --overrides '{params.overrides}' --threads {threads} "
+        "--out-dir results/eval/vlm/{wildcards.dataset}/{wildcards.backbone}/{wildcards.vlm_method}/seed{wildcards.seed} "
+        "--no-progress > {log} 2>&1"
+
+
+rule aggregate_vlm:
+    input:
+        metrics=vlm_metrics(),
+        claims="config/claims/vlm.yaml",
+    output:
+        runs="results/tables/vlm/runs.csv",
+        summary=report("results/tables/vlm/summary.csv", caption="../report/vlm_summary.rst",
+                       category="vlm", subcategory="tables"),
+        markdown="results/tables/vlm/summary.md",
+        claims="results/tables/vlm/claims.csv",
+    log:
+        "logs/aggregate_vlm.log",
+    conda:
+        ENV
+    shell:
+        "classlab aggregate-vlm --metrics {input.metrics} --runs-csv {output.runs} --summary-csv {output.summary} "
+        "--summary-md {output.markdown} --claims-csv {output.claims} > {log} 2>&1"
