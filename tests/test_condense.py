@@ -167,3 +167,27 @@ def test_the_grid_config_names_each_bad_field_and_restricts_methods_per_ipc():
         mutate(bad["families"]["condense"])
         with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
             validate_config(bad)
+
+
+def test_the_tables_put_the_papers_numbers_beside_the_measured_ones_and_claims_pair_seeds(tmp_path):
+    from classlab.report.condense import condense_claims, write_condense_tables
+
+    laid = []  # the DAG's layout: <variant>/<method>/ipc<N>/seed<k>/metrics.json (the variant is read from it)
+    for variant, method, accs in (("plain", "dc", [0.70, 0.68, 0.69]), ("plain", "random", [0.50, 0.55, 0.52]),
+                                  ("pattern", "dc", [0.40, 0.41, 0.42]), ("pattern", "dcc", [0.45, 0.44, 0.46])):
+        for seed, acc in enumerate(accs):
+            path = tmp_path / "results" / variant / method / "ipc1" / f"seed{seed}" / "metrics.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps({"method": method, "images_per_class": 1, "seed": seed,
+                                        "dataset": "fashion_mnist", "accuracies": [acc], "mean": acc, "std": 0.0}))
+            laid.append(path)
+    runs = write_condense_tables(laid, tmp_path / "runs.csv", tmp_path / "summary.csv", tmp_path / "summary.md")
+    md = (tmp_path / "summary.md").read_text()
+    assert "| dc | 69.0 ± 1.0 [70.5] |" in md and "| random | 52.3 ± 2.5 |" in md
+    assert "data variant `pattern`" in md and "93.5" in md
+    claims = condense_claims(runs)
+    row = claims[(claims.treatment == "dc") & (claims.baseline == "random")].iloc[0]
+    assert row.setting == "plain/ipc1" and row.verdict == "holds" and row.n_seeds == 3
+    assert abs(row.effect - (0.69 - 0.5233333)) < 1e-6
+    row = claims[(claims.treatment == "dcc") & (claims.setting == "pattern/ipc1")].iloc[0]
+    assert row.verdict == "holds"

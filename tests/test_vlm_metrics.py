@@ -38,3 +38,27 @@ def test_seen_unseen_takes_the_argmax_over_every_pair():
     labels = np.array([0, 1, 2])
     out = seen_unseen_accuracy(logits, labels, seen=[0, 1], unseen=[2])
     assert out["seen"] == 0.5 and out["unseen"] == 0.0 and out["hm"] == 0.0
+
+
+def test_the_vlm_table_and_claims_from_run_metrics(tmp_path):
+    import json
+
+    from classlab.report.vlm import vlm_claims, write_vlm_tables
+
+    files = []
+    for method, base, new in (("zeroshot", [0.80, 0.82, 0.81], [0.30, 0.32, 0.31]),
+                              ("coop", [0.90, 0.91, 0.89], [0.20, 0.22, 0.21])):
+        for seed in range(3):
+            path = tmp_path / method / f"seed{seed}" / "metrics.json"
+            path.parent.mkdir(parents=True)
+            b, n = base[seed], new[seed]
+            path.write_text(json.dumps({"method": method, "seed": seed, "shots": 16, "dataset": "fashion_mnist",
+                                        "backbone": "convnet", "base": b, "new": n, "hm": harmonic_mean(b, n),
+                                        "image_side_saw": [0, 1, 2, 3, 4], "hparams": {"batch_size": 32}}))
+            files.append(path)
+    runs = write_vlm_tables(files, tmp_path / "runs.csv", tmp_path / "summary.csv", tmp_path / "summary.md")
+    md = (tmp_path / "summary.md").read_text()
+    assert "classes 0 1 2 3 4 only" in md and "| coop | 90.0 ± 1.0 | 21.0 ± 1.0 |" in md
+    claims = vlm_claims(runs).set_index("claim")
+    assert claims.loc["CoOp raises base accuracy above zero-shot CLIP", "verdict"] == "holds"
+    assert claims.loc["CoOp loses new-class accuracy against zero-shot CLIP", "verdict"] == "holds"

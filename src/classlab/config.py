@@ -798,23 +798,16 @@ def _validate_condense(config: dict) -> list[str]:
     if "plain" in spec["variants"]:
         problems.append("config key families.condense.variants.plain: `plain` is the prepared dataset itself; "
                         "name a variant otherwise")
-    for name, methods in spec["variant_methods"].items():
-        if name != "plain" and name not in spec["variants"]:
-            problems.append(f"config key families.condense.variant_methods.{name}: no such variant; allowed values: "
-                            f"{['plain', *sorted(spec['variants'])]}")
-        for i, method in enumerate(methods):
-            if method not in spec["methods"]:
-                problems.append(f"config key families.condense.variant_methods.{name}[{i}]: {method!r} is not in "
-                                f"families.condense.methods {spec['methods']}")
-    grid_ipcs = [str(n) for n in spec.get("images_per_class", [])]
-    for ipc, methods in spec["ipc_methods"].items():
-        if str(ipc) not in grid_ipcs:
-            problems.append(f"config key families.condense.ipc_methods.{ipc}: not in families.condense.images_per_class "
-                            f"{spec.get('images_per_class', [])}")
-        for i, method in enumerate(methods):
-            if method not in spec["methods"]:
-                problems.append(f"config key families.condense.ipc_methods.{ipc}[{i}]: {method!r} is not in "
-                                f"families.condense.methods {spec['methods']}")
+    variants = ["plain", *sorted(spec["variants"])]
+    ipcs = [str(n) for n in spec.get("images_per_class", [])]
+    for key, allowed, what in (("variant_methods", variants, "no such variant; allowed values"),
+                               ("ipc_methods", ipcs, "not in families.condense.images_per_class")):
+        for name, methods in spec[key].items():
+            if name not in allowed:
+                problems.append(f"config key families.condense.{key}.{name}: {what} {allowed}")
+            problems += [f"config key families.condense.{key}.{name}[{i}]: {method!r} is not in "
+                         f"families.condense.methods {spec['methods']}"
+                         for i, method in enumerate(methods) if method not in spec["methods"]]
     return problems
 
 

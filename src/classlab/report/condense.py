@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from classlab.io import read_json, write_text
+from classlab.io import read_json
 from classlab.provenance import UNKNOWN
+from classlab.report.tables import write_table_set
 
 # the papers' Fashion-MNIST table (DC: Zhao, Mopuri and Bilen, ICLR 2021; DSA: Zhao and Bilen, ICML
 # 2021), ConvNet, test accuracy (%) at 1 / 10 / 50 images per class; the whole training set: 93.5
@@ -79,9 +80,8 @@ def condense_markdown(summary: pd.DataFrame) -> str:
 def write_condense_tables(metric_files, runs_csv: Path, summary_csv: Path, summary_md: Path) -> pd.DataFrame:
     runs = condense_runs(metric_files)
     summary = condense_summary(runs) if len(runs) else pd.DataFrame()
-    write_text(runs_csv, runs.to_csv(index=False))
-    write_text(summary_csv, summary.to_csv(index=False))
-    write_text(summary_md, "# condense\n\n" + (condense_markdown(summary) if len(summary) else "no runs\n"))
+    write_table_set(runs, summary, "# condense\n\n" + (condense_markdown(summary) if len(summary) else "no runs\n"), runs_csv,
+                    summary_csv, summary_md)
     return runs
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from classlab.io import read_json, write_text
+from classlab.io import read_json
 from classlab.provenance import UNKNOWN
+from classlab.report.tables import write_table_set
 
 METRICS = ("base", "new", "hm")
 
@@ -58,9 +59,8 @@ def vlm_markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
 def write_vlm_tables(metric_files, runs_csv: Path, summary_csv: Path, summary_md: Path) -> pd.DataFrame:
     runs = vlm_runs(metric_files)
     summary = vlm_summary(runs) if len(runs) else pd.DataFrame()
-    write_text(runs_csv, runs.to_csv(index=False))
-    write_text(summary_csv, summary.to_csv(index=False))
-    write_text(summary_md, "# vlm\n\n" + (vlm_markdown(summary, runs) if len(summary) else "no runs\n"))
+    write_table_set(runs, summary, "# vlm\n\n" + (vlm_markdown(summary, runs) if len(summary) else "no runs\n"), runs_csv,
+                    summary_csv, summary_md)
     return runs
 
 
