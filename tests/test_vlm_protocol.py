@@ -60,6 +60,7 @@ def test_the_conditional_and_the_knowledge_guided_prompts_train_end_to_end(metho
     out = run_base_to_novel(method, clip_of_base, digits_prepared, 1, tmp_path / method, shots=3,
                             overrides={"epochs": 2, "batch_size": 5}, test_per_class=5, threads=1)
     assert out["test_samples"] == 50 and out["train_steps"] > 0
+    assert 0.0 <= out["val_hm"] <= 1.0 and "val_base" in out and "val_new" in out
     assert 0.0 <= out["new"] <= 1.0 and 0.0 <= out["base"] <= 1.0
 
 

@@ -113,18 +113,23 @@ def run_base_to_novel(method: str, pretrained: Path, data_dir: Path, seed: int, 
         steps = int(trainer.steps_done)
     train_seconds = time.perf_counter() - t0
     learner.to(dev).eval()
-    test = torch.tensor(test_subset(data.test.y.numpy(), k, int(test_per_class), 0)) if test_per_class else None
-    test_x = data.test.x if test is None else data.test.x[test]
-    test_y = data.test.y if test is None else data.test.y[test]
-    logits = predict_logits(learner, test_x, mean, std, dev).numpy()
-    labels = test_y.numpy()
-    acc = base_to_novel_accuracy(logits, labels, base, new)
+    scores = {}
+    for split in ("val", "test"):  # val for every choice (learning rates, epochs); test only for reporting
+        part = getattr(data, split)
+        if part is None or len(part.y) == 0:
+            continue
+        pick = torch.tensor(test_subset(part.y.numpy(), k, int(test_per_class), 0)) if test_per_class else None
+        x, y = (part.x, part.y) if pick is None else (part.x[pick], part.y[pick])
+        split_logits = predict_logits(learner, x, mean, std, dev).numpy()
+        scores[split] = (split_logits, y.numpy(), base_to_novel_accuracy(split_logits, y.numpy(), base, new))
+    logits, labels, acc = scores["test"]
+    val = {f"val_{key}": value for key, value in scores["val"][2].items()} if "val" in scores else {}
     with atomic_path(out_dir / "predictions.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, logits=logits.astype(np.float32), labels=labels)
     metrics = {"method": method, "seed": int(seed), "shots": shots, "dataset": data.manifest.get("dataset"),
                "backbone": meta.get("backbone", ""),
-               "base_classes": base, "new_classes": new, "image_side_saw": seen, **acc,
+               "base_classes": base, "new_classes": new, "image_side_saw": seen, **acc, **val,
                "shots_digest": hashlib.sha256(subset.numpy().tobytes()).hexdigest(), "train_steps": steps,
                "test_samples": int(len(labels)), "test_per_class": int(test_per_class),
                "train_seconds": train_seconds, "history": history, "hparams": hp, "fingerprint": fingerprint,
