@@ -22,6 +22,8 @@
 9. condensation: outer iterations (image updates) per second of each bi-level condensation method
    at 1 image per class on DC's ConvNet, as config/condense_cpu.yaml runs it, relative to DC's in
    the same run.
+10. prompt_learning: training images/s of each vlm prompt learner on the default ConvNet's offline
+   CLIP, with the text-tower calls and the prompt sequences it encodes per step, relative to CoOp's.
 """
 from __future__ import annotations
 
@@ -457,6 +459,72 @@ def bench_condensation(networks: int = 4) -> None:
               "relative_to_dc": round(rate / rates["dc"][0], 3)})
 
 
+def bench_prompt_learning(steps: int = 20, batch: int = 32) -> None:
+    """The vlm family's training step: zeroshot's forward and CoOp, CoCoOp and KgCoOp's steps (batch
+    ``batch``, 5 base classes) on an offline CLIP built around the default ConvNet (untrained: the
+    cost does not depend on the weights), two threads, in one process. Counts every call of the frozen
+    text tower and the prompt sequences it encodes; images/s is the best of two rounds of ``steps``."""
+    from classlab.config import resolve_hparams
+    from classlab.engine.device import set_threads
+    from classlab.methods.registry import get_method
+    from classlab.models import image_text
+    from classlab.models.image_text import ImageTextModel
+
+    set_threads(2)
+    data = fashion_mnist()
+    model, _ = config_model("config.yaml")
+    pretrained = torch.nn.Module()
+    pretrained.clip = ImageTextModel(model.backbone, model.num_features, embed_dim=128)
+    names = list(data.manifest["class_names"])
+    mean = torch.tensor(data.manifest["channel_mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(data.manifest["channel_std"]).view(1, -1, 1, 1)
+    base = [c for c in range(5)]
+    pick = torch.nonzero(data.train.y < 5).flatten()[: batch * steps]
+    batches = [{"x": (data.train.x[pick[i:i + batch]].float() / 255 - mean) / std, "y": data.train.y[pick[i:i + batch]],
+                "index": pick[i:i + batch]} for i in range(0, len(pick), batch)]
+    tower = image_text.text_tower()
+    calls = {"calls": 0, "sequences": 0}
+    original = tower.encode_embeds
+
+    def counted(embeds, mask):
+        calls["calls"] += 1
+        calls["sequences"] += int(embeds.shape[0])
+        return original(embeds, mask)
+
+    tower.encode_embeds = counted
+    rows = {}
+    try:
+        for name in ("zeroshot", "coop", "cocoop", "kgcoop"):
+            method = get_method("vlm", name)(pretrained, resolve_hparams("vlm", name, {"batch_size": batch}), 10)
+            method.train_classes = base
+            method.build(names)
+            params = [p for g in method.param_groups() for p in g["params"]]
+            opt = torch.optim.SGD(params, lr=0.002) if params else None
+            best = 0.0
+            for _ in range(2):
+                calls.update(calls=0, sequences=0)
+                t0 = time.perf_counter()
+                for b in batches:
+                    if opt is None:
+                        with torch.no_grad():
+                            method(b["x"])
+                        continue
+                    loss, _ = method.training_step(b)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                best = max(best, len(batches) * batch / (time.perf_counter() - t0))
+            rows[name] = (best, calls["calls"] / len(batches), calls["sequences"] / len(batches))
+    finally:
+        tower.encode_embeds = original
+    for name, (rate, per_step, sequences) in rows.items():
+        emit({"bench": "prompt_learning", "method": name, "model": "offline CLIP on convnet (config.yaml) + MiniLM-L6",
+              "batch_size": batch, "base_classes": len(base), "threads": 2, "images_per_s": round(rate, 1),
+              "text_tower_calls_per_step": round(per_step, 2), "prompt_sequences_per_step": round(sequences, 1),
+              "relative_to_coop": round(rate / rows["coop"][0], 3),
+              "step": "forward only (nothing trained)" if name == "zeroshot" else "forward + backward + SGD"})
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bench.jsonl").unlink(missing_ok=True)
@@ -473,6 +541,7 @@ def main() -> None:
     bench_recipe_steps()
     bench_tta_stream()
     bench_condensation()
+    bench_prompt_learning()
 
 
 if __name__ == "__main__":

@@ -107,3 +107,13 @@ def test_offline_clip_pretrains_on_the_base_classes_and_predicts_by_zero_shot_pr
     acc = base_to_novel_accuracy(logits, data.test.y.numpy(), base, [5, 6, 7, 8, 9])
     assert acc["base"] > 0.8, acc  # the aligned classes (chance among 5: 0.2)
     assert np.isfinite(acc["new"])
+
+
+def test_asking_for_some_classes_encodes_only_them_and_gives_the_same_rows():
+    learner = PromptLearner(NAMES + ["Sneaker"], class_specific=True)
+    with torch.no_grad():
+        learner.ctx.add_(0.01 * torch.randn_like(learner.ctx))
+    every = learner()
+    assert torch.allclose(learner(classes=[3, 1]), every[[3, 1]], atol=1e-5)
+    shift = torch.randn(2, 384) * 0.1
+    assert torch.allclose(learner(shift, classes=[2]), learner(shift)[:, [2]], atol=1e-5)

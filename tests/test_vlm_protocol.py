@@ -99,7 +99,7 @@ def test_cocoop_with_a_silent_meta_net_is_coop(clip_of_base):
         method.meta_net[-1].bias.zero_()
     image = torch.nn.functional.normalize(torch.randn(3, method.clip.embed_dim), dim=1)
     per_image = method.text_features([0, 1, 2], image)
-    static = method.clip.encode_text(method.prompt()[[0, 1, 2]])
+    static = method.clip.encode_text(method.prompt()[[0, 1, 2]])  # every class encoded, three kept
     assert per_image.shape == (3, 3, method.clip.embed_dim)
     assert torch.allclose(per_image, static.unsqueeze(0).expand(3, -1, -1), atol=1e-5)
 

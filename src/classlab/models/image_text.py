@@ -175,22 +175,27 @@ class PromptLearner(nn.Module):
         self.ctx = nn.Parameter(init)
         self.ctx_init = ctx_init
 
-    def token_embeddings(self, shift: torch.Tensor | None = None) -> torch.Tensor:
-        """(K, L, 384), or (B, K, L, 384) with a per-image shift: the class rows with the context in."""
+    def token_embeddings(self, shift: torch.Tensor | None = None, classes=None) -> torch.Tensor:
+        """(C, L, 384), or (B, C, L, 384) with a per-image shift: the rows of ``classes`` (all K by
+        default) with the context in."""
         tower = text_tower(self.token_ids.device)
+        rows = slice(None) if classes is None else torch.as_tensor(classes, dtype=torch.long, device=self.token_ids.device)
         with torch.no_grad():
-            base = tower.word_embeddings(self.token_ids)  # (K, L, D): [CLS], placeholders, name, ., [SEP]
-        ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.unsqueeze(0).expand(self.num_classes, -1, -1)
+            base = tower.word_embeddings(self.token_ids[rows])  # (C, L, D): [CLS], placeholders, name, ., [SEP]
+        ctx = self.ctx[rows] if self.ctx.dim() == 3 else self.ctx.unsqueeze(0).expand(base.shape[0], -1, -1)
         if shift is not None:
             ctx = ctx.unsqueeze(0) + shift.view(shift.shape[0], 1, 1, -1)  # (B, K, M, D)
             base = base.unsqueeze(0).expand(shift.shape[0], -1, -1, -1)
         return torch.cat([base[..., :1, :], ctx, base[..., 1 + self.n_ctx:, :]], dim=-2)
 
-    def forward(self, shift: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, shift: torch.Tensor | None = None, classes=None) -> torch.Tensor:
+        """Sentence embeddings of ``classes`` (all K by default): (C, 384), or (B, C, 384) with a shift.
+        Only the asked rows go through the tower."""
         tower = text_tower(self.token_ids.device)
-        embeds = self.token_embeddings(shift)
+        embeds = self.token_embeddings(shift, classes)
+        mask = self.attention_mask if classes is None else self.attention_mask[torch.as_tensor(classes, dtype=torch.long)]
         if shift is None:
-            return tower.encode_embeds(embeds, self.attention_mask)
+            return tower.encode_embeds(embeds, mask)
         b, k, length, d = embeds.shape
-        mask = self.attention_mask.unsqueeze(0).expand(b, -1, -1).reshape(b * k, length)
+        mask = mask.unsqueeze(0).expand(b, -1, -1).reshape(b * k, length)
         return tower.encode_embeds(embeds.reshape(b * k, length, d), mask).view(b, k, -1)

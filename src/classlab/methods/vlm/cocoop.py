@@ -29,5 +29,5 @@ class CoCoOp(CoOp):
 
     def text_features(self, classes, image):
         shift = self.meta_net(image)                        # pi(x), (B, 384)
-        sentences = self.prompt(shift)[:, classes]          # g(t_c(x)), (B, C, 384)
+        sentences = self.prompt(shift, classes)              # g(t_c(x)), (B, C, 384)
         return self.clip.encode_text(sentences)             # (B, C, E)

@@ -25,4 +25,4 @@ class CoOp(PromptMethod):
                                     device=device, seed=int(self.hparams.get("seed", 0)))
 
     def text_features(self, classes, image):
-        return self.clip.encode_text(self.prompt()[classes])  # g(t_c) for the asked classes
+        return self.clip.encode_text(self.prompt(classes=classes))  # g(t_c) for the asked classes
