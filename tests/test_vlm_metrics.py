@@ -62,3 +62,19 @@ def test_the_vlm_table_and_claims_from_run_metrics(tmp_path):
     claims = vlm_claims(runs).set_index("claim")
     assert claims.loc["CoOp raises base accuracy above zero-shot CLIP", "verdict"] == "holds"
     assert claims.loc["CoOp loses new-class accuracy against zero-shot CLIP", "verdict"] == "holds"
+
+
+def test_the_shipped_descriptions_cover_every_class_and_a_missing_one_is_named(tmp_path):
+    from classlab.config import ConfigError
+    from classlab.data.descriptions import load_descriptions
+    from classlab.data.registry import get_dataset
+
+    for dataset in ("fashion_mnist", "digits"):
+        names = get_dataset(dataset).class_names
+        loaded = load_descriptions(dataset, names)
+        assert set(loaded["generic"]) == set(names) and all(loaded["generic"].values())
+        assert all(a != b for a, b in loaded["differential"])
+    broken = tmp_path / "digits.yaml"
+    broken.write_text("generic:\n  '0': [a zero]\n")
+    with pytest.raises(ConfigError, match="no generic description of class '1'"):
+        load_descriptions("digits", get_dataset("digits").class_names, broken)
