@@ -54,11 +54,14 @@ def test_the_vlm_table_and_claims_from_run_metrics(tmp_path):
             b, n = base[seed], new[seed]
             path.write_text(json.dumps({"method": method, "seed": seed, "shots": 16, "dataset": "fashion_mnist",
                                         "backbone": "convnet", "base": b, "new": n, "hm": harmonic_mean(b, n),
+                                        "all_acc": 0.4, "unobserved_acc": 0.0 if method == "coop" else 0.1,
+                                        "expected_sq_distance": 0.5,
                                         "image_side_saw": [0, 1, 2, 3, 4], "hparams": {"batch_size": 32}}))
             files.append(path)
     runs = write_vlm_tables(files, tmp_path / "runs.csv", tmp_path / "summary.csv", tmp_path / "summary.md")
     md = (tmp_path / "summary.md").read_text()
     assert "classes 0 1 2 3 4 only" in md and "| coop | 90.0 ± 1.0 | 21.0 ± 1.0 |" in md
+    assert "| coop | 40.0 ± 0.0 | 0.0 ± 0.0 | 0.500 ± 0.000 |" in md
     claims = vlm_claims(runs).set_index("claim")
     assert claims.loc["CoOp raises base accuracy above zero-shot CLIP", "verdict"] == "holds"
     assert claims.loc["CoOp loses new-class accuracy against zero-shot CLIP", "verdict"] == "holds"
@@ -78,3 +81,19 @@ def test_the_shipped_descriptions_cover_every_class_and_a_missing_one_is_named(t
     broken.write_text("generic:\n  '0': [a zero]\n")
     with pytest.raises(ConfigError, match="no generic description of class '1'"):
         load_descriptions("digits", get_dataset("digits").class_names, broken)
+
+
+def test_loki_frechet_mean_can_predict_an_unobserved_class_between_two_observed_ones():
+    from classlab.metrics.vlm import (embedding_label_metric, expected_squared_distance, frechet_mean_prediction,
+                                      label_metric_scores)
+
+    # three labels on a line: 0 at 0, 1 at 1, 2 at 2; observed 0 and 2, label 1 never observed
+    d = embedding_label_metric(np.array([[0.0], [1.0], [2.0]]))
+    assert np.allclose(d, [[0, 1, 2], [1, 0, 1], [2, 1, 0]])
+    probs = np.array([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]])
+    # objective of y: 0.5 * d(y,0)^2 + 0.5 * d(y,2)^2 -> y=1 gives 1, y=0 or 2 give 2: the unobserved middle
+    assert frechet_mean_prediction(probs, [0, 2], d).tolist() == [1, 0, 2]
+    assert expected_squared_distance(np.array([1, 0, 2]), np.array([1, 1, 2]), d) == pytest.approx(1 / 3)
+    logits = np.array([[0.0, 1.0, 0.0], [3.0, 1.0, 0.0]])
+    out = label_metric_scores(logits, np.array([1, 1]), [0, 2], [1], d)
+    assert out == {"all_acc": 0.5, "unobserved_acc": 0.5, "expected_sq_distance": 0.5}

@@ -134,3 +134,31 @@ def test_the_config_takes_a_vlm_grid_and_refuses_setting_the_clips_classes():
     bad["families"]["vlm"]["methods"] = ["zeroshot", "maple"]
     with pytest.raises(ConfigError, match=r"families.vlm.methods\[1\]: 'maple' is not a method"):
         validate_config(bad)
+
+
+def test_loki_predicts_the_frechet_mean_and_the_argmax_baseline_only_observed_classes(clip_of_base, digits_prepared,
+                                                                                     tmp_path, one_thread):
+    from classlab.methods.registry import get_method
+    from classlab.metrics.vlm import frechet_mean_prediction
+    from classlab.protocols.vlm import _resolve, class_label_metric, load_image_text
+
+    names = [str(c) for c in range(10)]
+    model, _, _ = load_image_text(clip_of_base)
+    loki = get_method("vlm", "loki")(model, _resolve("loki", {}), 10)
+    loki.train_classes = [0, 1, 2, 3, 4]
+    loki.build(names)
+    x = torch.randn(6, 1, 8, 8)
+    with torch.no_grad():
+        image = loki.encode_image(x)
+        probs = loki.clip.logits(image, loki.text_features(loki.train_classes, image)).softmax(-1).numpy()
+        scores = loki(x).numpy()
+    assert np.array_equal(scores.argmax(1), frechet_mean_prediction(probs, [0, 1, 2, 3, 4], class_label_metric(names)))
+    loki_run = run_base_to_novel("loki", clip_of_base, digits_prepared, 0, tmp_path / "loki", shots=3,
+                                 test_per_class=10, threads=1)
+    observed = run_base_to_novel("observed", clip_of_base, digits_prepared, 0, tmp_path / "obs", shots=3,
+                                 test_per_class=10, threads=1)
+    assert observed["unobserved_acc"] == 0.0 and np.isnan(observed["new"]) and np.isnan(observed["hm"])
+    assert 0.0 <= loki_run["unobserved_acc"] <= 1.0 and loki_run["expected_sq_distance"] >= 0.0
+    zs = run_base_to_novel("zeroshot", clip_of_base, digits_prepared, 0, tmp_path / "zs", shots=3,
+                           test_per_class=10, threads=1)
+    assert observed["base"] == pytest.approx(zs["base"])  # the same model, argmax among the base classes

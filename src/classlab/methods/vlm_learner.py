@@ -32,6 +32,7 @@ HAND_WRITTEN = "a photo of a {}."
 class PromptMethod(Method):
     family = "vlm"
     learns: bool = True  # False: nothing is trained (zero-shot, training-free caches)
+    predicts_unobserved: bool = True  # False: scores only the training classes (new accuracy undefined)
 
     def __init__(self, model, hparams: dict, num_classes: int):
         super().__init__(model, hparams, num_classes)

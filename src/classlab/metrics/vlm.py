@@ -61,3 +61,44 @@ def seen_unseen_accuracy(logits: np.ndarray, labels: np.ndarray, seen, unseen) -
         out[name] = float(np.mean(pred[keep] == labels[keep])) if keep.any() else float("nan")
     out["hm"] = harmonic_mean(out["seen"], out["unseen"])
     return out
+
+
+# --- label metric (Loki) ----------------------------------------------------------------------
+
+def embedding_label_metric(embeddings: np.ndarray) -> np.ndarray:
+    """A metric over the labels from one embedding per label (Loki's self-derived metric): the
+    Euclidean distance d(i, j) = ||e_i - e_j||_2, a (K, K) symmetric matrix with a zero diagonal."""
+    e = np.asarray(embeddings, dtype=np.float64)
+    sq = (e * e).sum(1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * e @ e.T, 0.0)
+    np.fill_diagonal(d2, 0.0)
+    return np.sqrt(d2)
+
+
+def frechet_mean_prediction(probs: np.ndarray, observed, distances: np.ndarray) -> np.ndarray:
+    """Loki's prediction rule (Roberts et al., NeurIPS 2023): with P_i(x) the model's probabilities
+    over its observed classes lambda_1..lambda_k and d the label metric over every class,
+
+        y^(x) = argmin_{y in Y} sum_i P_i(x) d(y, lambda_i)^2,
+
+    which can be any class, observed or not. ``probs`` (N, k) in the order of ``observed``."""
+    d2 = np.asarray(distances, dtype=np.float64)[:, np.asarray(list(observed), dtype=int)] ** 2  # (K, k)
+    return np.argmin(np.asarray(probs, dtype=np.float64) @ d2.T, axis=1)  # (N, K) Frechet objective
+
+
+def expected_squared_distance(pred: np.ndarray, labels: np.ndarray, distances: np.ndarray) -> float:
+    """E[d(y^, y)^2] over the samples: Loki's evaluation metric (0 for a perfect classifier)."""
+    d = np.asarray(distances, dtype=np.float64)
+    return float(np.mean(d[np.asarray(pred, dtype=int), np.asarray(labels, dtype=int)] ** 2))
+
+
+def label_metric_scores(logits: np.ndarray, labels: np.ndarray, observed, unobserved, distances: np.ndarray) -> dict:
+    """A model's predictions over EVERY class (argmax of ``logits``) judged under the label metric:
+    accuracy over all classes, accuracy on the unobserved classes' samples (the classes it never
+    trained on) and the expected squared distance."""
+    pred = np.argmax(np.asarray(logits), axis=1)
+    labels = np.asarray(labels)
+    unseen = np.isin(labels, np.asarray(list(unobserved), dtype=int))
+    return {"all_acc": float(np.mean(pred == labels)),
+            "unobserved_acc": float(np.mean(pred[unseen] == labels[unseen])) if unseen.any() else float("nan"),
+            "expected_sq_distance": expected_squared_distance(pred, labels, distances)}

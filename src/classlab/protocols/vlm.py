@@ -29,7 +29,7 @@ from classlab.engine.device import pick_device, seed_everything, set_threads
 from classlab.engine.fingerprint import dataset_digest, file_digest, make_fingerprint
 from classlab.io import atomic_path, write_json
 from classlab.methods.registry import get_method
-from classlab.metrics.vlm import base_new_split, base_to_novel_accuracy
+from classlab.metrics.vlm import base_new_split, base_to_novel_accuracy, embedding_label_metric, label_metric_scores
 from classlab.provenance import run_provenance
 
 FAMILY = "vlm"
@@ -46,6 +46,15 @@ def few_shot_indices(labels: torch.Tensor, classes: list[int], shots: int, seed:
         gen = torch.Generator().manual_seed(mix_seed(int(seed), int(c), 0x5407))
         out.append(pool[torch.randperm(len(pool), generator=gen)[:shots]].sort().values)
     return torch.cat(out)
+
+
+def class_label_metric(class_names: list[str]) -> np.ndarray:
+    """The label metric of the protocol (Loki's self-derived one): distances between the MiniLM sentence
+    embeddings of the classes' hand-written prompts."""
+    from classlab.methods.vlm_learner import HAND_WRITTEN
+    from classlab.models.text import encode_texts
+
+    return embedding_label_metric(encode_texts([HAND_WRITTEN.format(n) for n in class_names]).numpy())
 
 
 def _resolve(method: str, overrides: dict | None) -> dict:
@@ -113,6 +122,7 @@ def run_base_to_novel(method: str, pretrained: Path, data_dir: Path, seed: int, 
         steps = int(trainer.steps_done)
     train_seconds = time.perf_counter() - t0
     learner.to(dev).eval()
+    label_distances = class_label_metric(names)
     scores = {}
     for split in ("val", "test"):  # val for every choice (learning rates, epochs); test only for reporting
         part = getattr(data, split)
@@ -121,7 +131,12 @@ def run_base_to_novel(method: str, pretrained: Path, data_dir: Path, seed: int, 
         pick = torch.tensor(test_subset(part.y.numpy(), k, int(test_per_class), 0)) if test_per_class else None
         x, y = (part.x, part.y) if pick is None else (part.x[pick], part.y[pick])
         split_logits = predict_logits(learner, x, mean, std, dev).numpy()
-        scores[split] = (split_logits, y.numpy(), base_to_novel_accuracy(split_logits, y.numpy(), base, new))
+        acc = base_to_novel_accuracy(split_logits, y.numpy(), base, new)
+        if not learner.predicts_unobserved:  # it ranks the new classes by nothing: no new accuracy
+            acc.update(new=float("nan"), hm=float("nan"))
+        # every class a candidate, judged under the label metric (Loki's evaluation)
+        acc.update(label_metric_scores(split_logits, y.numpy(), base, new, label_distances))
+        scores[split] = (split_logits, y.numpy(), acc)
     logits, labels, acc = scores["test"]
     val = {f"val_{key}": value for key, value in scores["val"][2].items()} if "val" in scores else {}
     with atomic_path(out_dir / "predictions.npz") as tmp:

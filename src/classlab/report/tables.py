@@ -96,8 +96,15 @@ def markdown_table(summary: pd.DataFrame) -> str:
 
 def markdown_to_frame(markdown: str) -> pd.DataFrame:
     """The first pipe table of ``markdown`` as a frame of strings (cells such as "91.2 ± 0.3")."""
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
-            for line in markdown.splitlines() if line.startswith("|") and not set(line) <= set("|-: ")]
+    rows, started = [], False
+    for line in markdown.splitlines():
+        if not line.startswith("|"):
+            if started:
+                break  # the first table ended
+            continue
+        started = True
+        if not set(line) <= set("|-: "):
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
     return pd.DataFrame(rows[1:], columns=rows[0])
 
 

@@ -15,6 +15,7 @@ from classlab.provenance import UNKNOWN
 from classlab.report.tables import write_table_set
 
 METRICS = ("base", "new", "hm")
+LABEL_METRIC = ("all_acc", "unobserved_acc", "expected_sq_distance")  # every class a candidate (Loki)
 
 
 def vlm_runs(metric_files: list[str | Path]) -> pd.DataFrame:
@@ -24,6 +25,7 @@ def vlm_runs(metric_files: list[str | Path]) -> pd.DataFrame:
         rows.append({"family": "vlm", "dataset": m.get("dataset", ""), "backbone": m.get("backbone", ""),
                      "scenario": f"base_to_novel/{int(m['shots'])}shot", "method": m["method"], "seed": int(m["seed"]),
                      **{k: float(m[k]) for k in METRICS}, "shots": int(m["shots"]),
+                     **{k: float(m[k]) for k in LABEL_METRIC if k in m},
                      "image_side_saw": " ".join(str(c) for c in m.get("image_side_saw", [])),
                      "test_samples": m.get("test_samples"), "train_steps": m.get("train_steps"),
                      "batch_size": (m.get("hparams") or {}).get("batch_size"),
@@ -34,7 +36,7 @@ def vlm_runs(metric_files: list[str | Path]) -> pd.DataFrame:
 
 def vlm_summary(runs: pd.DataFrame) -> pd.DataFrame:
     g = runs.groupby(["dataset", "backbone", "scenario", "method"])
-    out = g[list(METRICS)].agg(["mean", "std"])
+    out = g[[k for k in (*METRICS, *LABEL_METRIC) if k in runs]].agg(["mean", "std"])
     out.columns = [f"{metric}_{stat}" for metric, stat in out.columns]
     out["seeds"] = g.seed.count()
     return out.reset_index()
@@ -49,11 +51,24 @@ def vlm_markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
         lines.append("| method | base | new | H | seeds |")
         lines.append("|---|---|---|---|---|")
         for r in group.itertuples():
-            cells = [f"{100 * getattr(r, f'{k}_mean'):.1f} ± {100 * (getattr(r, f'{k}_std') if getattr(r, f'{k}_std') == getattr(r, f'{k}_std') else 0):.1f}"
-                     for k in METRICS]
-            lines.append(f"| {r.method} | " + " | ".join(cells) + f" | {r.seeds} |")
+            lines.append(f"| {r.method} | " + " | ".join(_cell(r, k) for k in METRICS) + f" | {r.seeds} |")
+        if all(f"{k}_mean" in group for k in LABEL_METRIC):
+            lines.append("\nEvery class a candidate, judged under the label metric (distances between the "
+                         "classes' MiniLM prompt embeddings):\n")
+            lines.append("| method | accuracy, all classes | accuracy on the unobserved classes | E[d(y^, y)^2] |")
+            lines.append("|---|---|---|---|")
+            for r in group.itertuples():
+                lines.append(f"| {r.method} | {_cell(r, 'all_acc')} | {_cell(r, 'unobserved_acc')} | "
+                             f"{_cell(r, 'expected_sq_distance', scale=1.0, digits=3)} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _cell(r, key: str, scale: float = 100.0, digits: int = 1) -> str:
+    mean, std = getattr(r, f"{key}_mean"), getattr(r, f"{key}_std")
+    if mean != mean:  # NaN: the method does not predict it
+        return "-"
+    return f"{scale * mean:.{digits}f} ± {scale * (std if std == std else 0.0):.{digits}f}"
 
 
 def write_vlm_tables(metric_files, runs_csv: Path, summary_csv: Path, summary_md: Path) -> pd.DataFrame:
