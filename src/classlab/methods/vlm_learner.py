@@ -6,8 +6,10 @@ The model a vlm method receives is the pretrain stage's offline CLIP (``pretrain
 - ``build(class_names)``: create its learnable parts (context vectors, a meta-net, adapters) once the
   class names are known; called by the protocol before the optimizer exists, so they are trained and
   checkpointed like any parameter of the method;
-- ``text_features(classes, image)``: unit-norm joint-space features of the given classes, (C, E), or
-  per image (B, C, E) where the prompt depends on the image (CoCoOp);
+- ``text_features(classes, image)``: joint-space features of the given classes, (C, E), or per image
+  (B, C, E) where the prompt depends on the image (CoCoOp); unit-norm, except where a method mixes
+  branches on purpose (KAPT, MSGCoOp: a weighted sum of unit features makes the logits the same
+  weighted sum of the branches' logits);
 - ``extra_loss(logits, targets, image, text)``: a regulariser added to the cross-entropy (KgCoOp's
   distance to the hand-written prompts); none by default.
 
@@ -79,14 +81,21 @@ class PromptMethod(Method):
         with torch.no_grad():
             return self.clip.encode_image(x)
 
-    def training_step(self, batch: dict):
-        x, y = batch["x"], batch["y"]
-        classes = self.train_classes
+    def positions_among(self, y: torch.Tensor, classes: list[int] | None = None) -> torch.Tensor:
+        """Each label's position among ``classes`` (the training classes by default): the target of a
+        cross-entropy over those classes' logits. A label outside them is an error."""
+        classes = self.train_classes if classes is None else classes
         position = torch.full((self.num_classes,), -1, dtype=torch.long, device=y.device)
         position[torch.tensor(classes, device=y.device)] = torch.arange(len(classes), device=y.device)
         targets = position[y]
         if bool((targets < 0).any()):
             raise ValueError(f"a training label is outside the training classes {classes}")
+        return targets
+
+    def training_step(self, batch: dict):
+        x, y = batch["x"], batch["y"]
+        classes = self.train_classes
+        targets = self.positions_among(y)
         image = self.encode_image(x)
         text = self.text_features(classes, image)
         logits = self.clip.logits(image, text)

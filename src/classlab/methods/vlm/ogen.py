@@ -238,12 +238,7 @@ class OGEN(CoOp):
                                "fit_class_statistics, runs before training)")
         hp = self.hparams
         x, y = batch["x"], batch["y"]
-        position = torch.full((self.num_classes,), -1, dtype=torch.long, device=y.device)
-        nb = len(self.base_classes)
-        position[torch.tensor(self.base_classes, device=y.device)] = torch.arange(nb, device=y.device)
-        targets = position[y]
-        if bool((targets < 0).any()):
-            raise ValueError(f"a training label is outside the training classes {self.base_classes}")
+        targets = self.positions_among(y, self.base_classes)
         image = self.encode_image(x)
         nbr = self.neighbours[targets]                                               # N(y)
         sampled = self.sample_neighbour_features(nbr)                                # x~_N(y)

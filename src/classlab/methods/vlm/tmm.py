@@ -117,11 +117,7 @@ class TMM(CoOp):
     def training_step(self, batch: dict):
         x, y = batch["x"], batch["y"]
         classes = self.train_classes
-        position = torch.full((self.num_classes,), -1, dtype=torch.long, device=y.device)
-        position[torch.tensor(classes, device=y.device)] = torch.arange(len(classes), device=y.device)
-        targets = position[y]
-        if bool((targets < 0).any()):
-            raise ValueError(f"a training label is outside the training classes {classes}")
+        targets = self.positions_among(y, classes)
         image = self.encode_image(x)
         text = self.text_features(classes, image)                        # CTP
         tuned = self.tune_image(image, text)                             # TFT
