@@ -107,3 +107,17 @@ def digits_prepared(tmp_path_factory) -> Path:
     get_dataset("digits").download(root / "raw")
     prepare("digits", root / "raw", root / "prepared")
     return root / "prepared"
+
+
+@pytest.fixture(scope="session")
+def clip_of_base(digits_prepared, tmp_path_factory) -> Path:
+    """The vlm family's offline CLIP of digits' base classes (0-4): a 2-block ConvNet and 32-d
+    projections aligned to the MiniLM tower for 4 epochs, trained once per session (model.pt)."""
+    from classlab.train import train
+
+    out = tmp_path_factory.mktemp("image_text")
+    train("pretrain", "image_text", digits_prepared, "convnet", 0, out,
+          overrides={"classes": [0, 1, 2, 3, 4], "epochs": 4, "batch_size": 64, "augment_pad": 0,
+                     "augment_hflip": False, "lr": 0.003, "embed_dim": 32},
+          backbone_kwargs={"widths": [16, 32], "pool_after": [0]}, threads=1, progress=False)
+    return out / "model.pt"

