@@ -11,7 +11,9 @@ The model a vlm method receives is the pretrain stage's offline CLIP (``pretrain
   branches on purpose (KAPT, MSGCoOp: a weighted sum of unit features makes the logits the same
   weighted sum of the branches' logits);
 - ``extra_loss(logits, targets, image, text)``: a regulariser added to the cross-entropy (KgCoOp's
-  distance to the hand-written prompts); none by default.
+  distance to the hand-written prompts); none by default;
+- ``tune_image(image, text)``: the image features as the method adapts them to the class texts
+  before scoring (TMM's text-guided feature tuning); the identity by default.
 
 ``training_step`` is the same for all: image features of the batch (a frozen encoder unless the method
 trains it), logits ``exp(t) <image, text>`` over the TRAINING classes only (the base classes: the new
@@ -98,12 +100,17 @@ class PromptMethod(Method):
         targets = self.positions_among(y)
         image = self.encode_image(x)
         text = self.text_features(classes, image)
+        image = self.tune_image(image, text)
         logits = self.clip.logits(image, text)
         ce = F.cross_entropy(logits, targets)
         extra, logs = self.extra_loss(logits, targets, image, text)
         acc = float((logits.argmax(1) == targets).float().mean())
         return ce + extra, {"ce": float(ce.detach()), "train_acc": acc, **logs}
 
+    def tune_image(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return image
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         image = self.encode_image(x)
-        return self.clip.logits(image, self.text_features(list(range(self.num_classes)), image))
+        text = self.text_features(list(range(self.num_classes)), image)
+        return self.clip.logits(self.tune_image(image, text), text)

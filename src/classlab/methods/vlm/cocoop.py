@@ -18,13 +18,17 @@ from classlab.methods.vlm.coop import CoOp
 from classlab.models.image_text import TEXT_DIM
 
 
+def meta_net(dim: int, reduction: int) -> nn.Sequential:
+    """CoCoOp's meta-net h: Linear(E, E / reduction) - ReLU - Linear(., 384), one token per image."""
+    hidden = max(1, int(dim) // int(reduction))
+    return nn.Sequential(nn.Linear(int(dim), hidden), nn.ReLU(inplace=True), nn.Linear(hidden, TEXT_DIM))
+
+
 @register_method("vlm", "cocoop")
 class CoCoOp(CoOp):
     def build(self, class_names):
         super().build(class_names)
-        dim = self.clip.embed_dim
-        hidden = max(1, dim // int(self.hparams["meta_reduction"]))
-        self.meta_net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, TEXT_DIM))
+        self.meta_net = meta_net(self.clip.embed_dim, int(self.hparams["meta_reduction"]))
         self.meta_net.to(self.clip.logit_scale.device)
 
     def text_features(self, classes, image):

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from classlab.methods.registry import register_method
+from classlab.methods.vlm.cocoop import meta_net
 from classlab.methods.vlm.coop import CoOp
 from classlab.models.image_text import TEXT_DIM, symmetric_contrastive_loss, text_tower
 
@@ -51,8 +52,7 @@ class TMM(CoOp):
     def build(self, class_names):
         super().build(class_names)
         dim = self.clip.embed_dim
-        hidden = max(1, dim // int(self.hparams["meta_reduction"]))
-        self.ctp_net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, TEXT_DIM))
+        self.ctp_net = meta_net(dim, int(self.hparams["meta_reduction"]))
         self.tft_query = nn.Linear(dim, dim, bias=False)
         self.tft_key = nn.Linear(dim, dim, bias=False)
         self.tft_out = nn.Linear(dim, dim, bias=False)
@@ -113,21 +113,3 @@ class TMM(CoOp):
         align = self.alignment_loss(image, text, targets)
         return float(self.hparams["align_weight"]) * align, {"align": float(align.detach())}
 
-    # --- the engine's hooks -----------------------------------------------------------------
-    def training_step(self, batch: dict):
-        x, y = batch["x"], batch["y"]
-        classes = self.train_classes
-        targets = self.positions_among(y, classes)
-        image = self.encode_image(x)
-        text = self.text_features(classes, image)                        # CTP
-        tuned = self.tune_image(image, text)                             # TFT
-        logits = self.clip.logits(tuned, text)
-        ce = F.cross_entropy(logits, targets)
-        extra, logs = self.extra_loss(logits, targets, tuned, text)
-        acc = float((logits.argmax(1) == targets).float().mean())
-        return ce + extra, {"ce": float(ce.detach()), "train_acc": acc, **logs}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        image = self.encode_image(x)
-        text = self.text_features(list(range(self.num_classes)), image)
-        return self.clip.logits(self.tune_image(image, text), text)
