@@ -271,6 +271,16 @@ def _fragment_errors(fragment: dict, value: Any) -> list[str]:
     return [e.message for e in validator.iter_errors(value)]
 
 
+def resolve_checked_hparams(family: str, method: str, overrides: dict | None = None) -> dict[str, Any]:
+    """``resolve_hparams`` then ``check_hparams``, each problem named at its override
+    (``overrides.<key>``) or at the YAML that set it; raises ConfigError before anything runs."""
+    hp = resolve_hparams(family, method, overrides)
+    problems = check_hparams(family, method, hp, where={k: f"overrides.{k}" for k in (overrides or {})})
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return hp
+
+
 def check_hparams(family: str, method: str, hparams: dict, where: dict[str, str] | None = None) -> list[str]:
     """Problems of ``hparams`` (a resolved set) against the declared types and ranges.
 

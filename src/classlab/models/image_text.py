@@ -65,11 +65,11 @@ class TextTower(nn.Module):
         """(N, L, 384) token embeddings and their (N, L) mask -> (N, 384) unit-norm sentence embeddings:
         the mean of the last hidden states over the real tokens, L2-normalised. Gradients flow to
         ``embeds`` (the prompt learner's context), not to the tower."""
+        from classlab.models.text import sentence_embedding
+
         hidden = self.bert(inputs_embeds=embeds, attention_mask=mask,
                            token_type_ids=torch.zeros_like(mask)).last_hidden_state
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-        return F.normalize(pooled, dim=-1)
+        return sentence_embedding(hidden, mask)
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         ids, mask = self.tokenize(texts)

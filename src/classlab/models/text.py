@@ -39,6 +39,14 @@ def _load():
     return tokenizer, model
 
 
+def sentence_embedding(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """all-MiniLM-L6-v2's sentence embedding: the mean of the last hidden states (N, L, D) over the
+    attention mask (N, L), L2-normalised."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
 def clear_cache() -> None:
     """Forget the loaded model and every cached embedding (tests of determinism use it)."""
     _CACHE.clear()
@@ -60,10 +68,7 @@ def encode_texts(texts, batch_size: int = 256) -> torch.Tensor:
             chunk = missing[start:start + batch_size]
             tokens = tokenizer(chunk, padding=True, truncation=True, return_tensors="pt")
             hidden = model(**tokens).last_hidden_state.float()
-            # sentence embedding = mean of the token states over the attention mask, then L2-normalised
-            mask = tokens["attention_mask"].unsqueeze(-1).float()
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-            for text, vector in zip(chunk, torch.nn.functional.normalize(pooled, dim=1)):
+            for text, vector in zip(chunk, sentence_embedding(hidden, tokens["attention_mask"])):
                 _CACHE[text] = vector.clone()
     if not texts:
         return torch.zeros(0, 384)

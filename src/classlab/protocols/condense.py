@@ -37,7 +37,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from classlab.config import ConfigError, check_hparams, resolve_hparams
+from classlab.config import ConfigError, resolve_checked_hparams
 from classlab.data.loader import mix_seed
 from classlab.engine import Trainer, TrainConfig
 from classlab.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -108,10 +108,7 @@ def _check_pattern(pattern) -> dict | None:
 # --- checks before anything is written ------------------------------------------------------------
 
 def _resolve(method: str, overrides: dict | None) -> dict:
-    hp = resolve_hparams(FAMILY, method, overrides)
-    problems = check_hparams(FAMILY, method, hp, where={k: f"overrides.{k}" for k in (overrides or {})})
-    if problems:
-        raise ConfigError("; ".join(problems))
+    hp = resolve_checked_hparams(FAMILY, method, overrides)
     for key in ("lr_img", "lr_net", "eval_lr"):
         if key in hp and not (isinstance(hp[key], (int, float)) and hp[key] > 0):
             raise ConfigError(f"{key}: {hp[key]!r}; a learning rate must be > 0")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from classlab.config import ConfigError, check_hparams, resolve_hparams
+from classlab.config import ConfigError, resolve_checked_hparams
 from classlab.data.loader import mix_seed
 from classlab.engine import Trainer, TrainConfig, predict_logits
 from classlab.engine.device import pick_device, seed_everything, set_threads
@@ -58,10 +58,7 @@ def class_label_metric(class_names: list[str]) -> np.ndarray:
 
 
 def _resolve(method: str, overrides: dict | None) -> dict:
-    hp = resolve_hparams(FAMILY, method, overrides)
-    problems = check_hparams(FAMILY, method, hp, where={k: f"overrides.{k}" for k in (overrides or {})})
-    if problems:
-        raise ConfigError("; ".join(problems))
+    hp = resolve_checked_hparams(FAMILY, method, overrides)
     return hp
 
 
