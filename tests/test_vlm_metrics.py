@@ -60,7 +60,7 @@ def test_the_vlm_table_and_claims_from_run_metrics(tmp_path):
             files.append(path)
     runs = write_vlm_tables(files, tmp_path / "runs.csv", tmp_path / "summary.csv", tmp_path / "summary.md")
     md = (tmp_path / "summary.md").read_text()
-    assert "classes 0 1 2 3 4 only" in md and "| coop | 90.0 ± 1.0 | 21.0 ± 1.0 |" in md
+    assert "classes 0 1 2 3 4: the base classes only" in md and "base_to_novel/16shot/saw_base" in md and "| coop | 90.0 ± 1.0 | 21.0 ± 1.0 |" in md
     assert "| coop | 40.0 ± 0.0 | 0.0 ± 0.0 | 0.500 ± 0.000 |" in md
     claims = vlm_claims(runs).set_index("claim")
     assert claims.loc["CoOp raises base accuracy above zero-shot CLIP", "verdict"] == "holds"

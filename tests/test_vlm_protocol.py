@@ -96,7 +96,23 @@ def test_bad_input_is_refused_before_anything_is_written(clip_of_base, digits_pr
         run_base_to_novel("coop", clip_of_base, digits_prepared, 0, tmp_path / "a", shots=0)
     with pytest.raises(ConfigError, match="lr"):
         run_base_to_novel("coop", clip_of_base, digits_prepared, 0, tmp_path / "b", overrides={"lr": -1.0})
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(ConfigError, match="image_side: 'sideways'"):
+        run_base_to_novel("coop", clip_of_base, digits_prepared, 0, tmp_path / "c", image_side="sideways")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_clip_that_saw_every_class_is_refused_unless_the_setting_says_all(digits_prepared, tmp_path, one_thread):
+    from classlab.train import train
+
+    train("pretrain", "image_text", digits_prepared, "convnet", 0, tmp_path / "clip",
+          overrides={"epochs": 1, "batch_size": 128, "augment_pad": 0, "augment_hflip": False, "embed_dim": 16},
+          backbone_kwargs={"widths": [8], "pool_after": [0]}, threads=1, progress=False)
+    with pytest.raises(ConfigError, match=r"image side saw new classes \[5, 6, 7, 8, 9\]"):
+        run_base_to_novel("zeroshot", tmp_path / "clip" / "model.pt", digits_prepared, 0, tmp_path / "a", shots=2)
+    assert not (tmp_path / "a").exists()
+    out = run_base_to_novel("zeroshot", tmp_path / "clip" / "model.pt", digits_prepared, 0, tmp_path / "b", shots=2,
+                            test_per_class=3, image_side="all")
+    assert out["image_side"] == "all" and out["image_side_saw"] == list(range(10))
 
 
 def test_the_config_takes_a_vlm_grid_and_refuses_setting_the_clips_classes():
@@ -116,6 +132,14 @@ def test_the_config_takes_a_vlm_grid_and_refuses_setting_the_clips_classes():
     bad = copy.deepcopy(smoke)
     bad["families"]["vlm"]["pretrain"]["templates"] = ["a photo"]
     with pytest.raises(ConfigError, match="families.vlm.pretrain"):
+        validate_config(bad)
+    bad = copy.deepcopy(smoke)
+    bad["families"]["vlm"]["epoch_curve"] = {"methods": ["coop", "ogen2"], "epochs": [5, 10]}
+    with pytest.raises(ConfigError, match=r"families.vlm.epoch_curve.methods\[1\]"):
+        validate_config(bad)
+    bad = copy.deepcopy(smoke)
+    bad["families"]["vlm"]["image_sides"] = ["novel"]
+    with pytest.raises(ConfigError, match="image_sides"):
         validate_config(bad)
     bad = copy.deepcopy(smoke)
     bad["families"]["vlm"]["methods"] = ["zeroshot", "maple"]

@@ -216,7 +216,13 @@ def _base_to_novel(a):
 
     run_base_to_novel(a.method, Path(a.pretrained), Path(a.data), a.seed, Path(a.out_dir), shots=a.shots,
                       overrides=json.loads(a.overrides), test_per_class=a.test_per_class, threads=a.threads,
-                      device=a.device, progress=not a.no_progress)
+                      device=a.device, progress=not a.no_progress, image_side=a.image_side)
+
+
+def _plot_vlm_epochs(a):
+    from classlab.report.vlm import write_epoch_curve
+
+    write_epoch_curve(a.metrics, Path(a.figure), Path(a.table))
 
 
 def _aggregate_vlm(a):
@@ -598,10 +604,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--shots", type=int, default=16, help="training images per base class (drawn per seed)")
     p.add_argument("--test-per-class", type=int, default=0, help="a seeded subset of the test split (0: all)")
+    p.add_argument("--image-side", default="base", choices=["base", "all"],
+                   help="what the pretrained model's image side may have seen (base: a model that saw a new class is refused)")
     p.add_argument("--overrides", default="{}")
     p.add_argument("--out-dir", required=True)
     _add_execution_options(p)
     p.set_defaults(func=_base_to_novel)
+
+    p = sub.add_parser("plot-vlm-epochs", help="base / new / H against training epochs (OGEN's long-training case)")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--figure", required=True)
+    p.add_argument("--table", required=True)
+    p.set_defaults(func=_plot_vlm_epochs)
 
     p = sub.add_parser("aggregate-vlm", help="base / new / H tables and the vlm family's claims")
     p.add_argument("--metrics", nargs="+", required=True)

@@ -829,8 +829,14 @@ def _validate_vlm(config: dict) -> list[str]:
     spec.setdefault("test_per_class", 0)
     if "classes" in spec["pretrain"]:
         return ["config key families.vlm.pretrain.classes: the offline CLIP trains on the base classes (the first "
-                "half of the sorted labels); the protocol sets them"]
-    return _check_method("pretrain", "image_text", spec["pretrain"], "families.vlm.pretrain")
+                "half of the sorted labels) or on all of them, as families.vlm.image_sides says; the protocol sets them"]
+    problems = _check_method("pretrain", "image_text", spec["pretrain"], "families.vlm.pretrain")
+    curve = spec.get("epoch_curve") or {}
+    for i, method in enumerate(curve.get("methods", [])):
+        problems += _check_method("vlm", method, {**(spec.get("overrides") or {}).get(method, {}),
+                                                  "epochs": max(curve.get("epochs") or [1])},
+                                  f"families.vlm.epoch_curve.methods[{i}]")
+    return problems
 
 
 # --- random hyperparameter search (DomainBed's sweep) ---------------------------------------------

@@ -112,6 +112,8 @@ def all_targets():
         targets += ["results/tables/condense/summary.md", "results/tables/condense/summary.csv"]
     if "vlm" in FAMILIES:
         targets += ["results/tables/vlm/summary.md", "results/tables/vlm/summary.csv"]
+        if VLM.get("epoch_curve"):
+            targets += ["results/figures/vlm/accuracy_vs_epochs.png"]
     if "discovery" in FAMILIES:
         targets += ["results/tables/discovery/summary.md", "results/tables/discovery/summary.csv"]
         targets += expand("results/figures/discovery/{name}.png", name=DISCOVERY_FIGURES)
@@ -713,23 +715,50 @@ def vlm_backbone():
     return config["backbones"][0]
 
 
+def vlm_image_sides():
+    # what the offline CLIP's image side sees: the base classes only (the issue's default) and/or all
+    # classes (CLIP's own situation: the new classes are new only to the prompt learning)
+    return VLM.get("image_sides", ["base"])
+
+
 def vlm_pretrain_overrides_json(wildcards):
     from classlab.data.registry import get_dataset
     from classlab.metrics.vlm import base_new_split
 
     base, _ = base_new_split(get_dataset(wildcards.dataset).num_classes)
-    return json.dumps({**VLM.get("pretrain", {}), "classes": base}, sort_keys=True)
+    classes = base if wildcards.image_side == "base" else []  # []: every class
+    return json.dumps({**VLM.get("pretrain", {}), "classes": classes}, sort_keys=True)
 
 
 def vlm_overrides(wildcards):
     return json.dumps(VLM.get("overrides", {}).get(wildcards.vlm_method, {}), sort_keys=True)
 
 
+def vlm_epoch_overrides(wildcards):
+    return json.dumps({**VLM.get("overrides", {}).get(wildcards.vlm_method, {}), "epochs": int(wildcards.epochs)},
+                      sort_keys=True)
+
+
 def vlm_metrics():
     return expand(
-        "results/eval/vlm/{dataset}/{backbone}/{method}/seed{seed}/metrics.json",
+        "results/eval/vlm/{dataset}/{backbone}/saw_{image_side}/{method}/seed{seed}/metrics.json",
         dataset=DATASETS,
         backbone=[vlm_backbone()] if VLM else [],
+        image_side=vlm_image_sides(),
         method=VLM.get("methods", []),
+        seed=SEEDS,
+    )
+
+
+def vlm_epoch_metrics():
+    # the long-training curve (OGEN's case): each method of `epoch_curve` at each epoch budget
+    curve = VLM.get("epoch_curve") or {}
+    return expand(
+        "results/eval/vlm_epochs/{dataset}/{backbone}/saw_{image_side}/{method}/epochs{epochs}/seed{seed}/metrics.json",
+        dataset=DATASETS,
+        backbone=[vlm_backbone()] if VLM else [],
+        image_side=curve.get("image_sides") or vlm_image_sides(),
+        method=curve.get("methods", []),
+        epochs=curve.get("epochs", []),
         seed=SEEDS,
     )

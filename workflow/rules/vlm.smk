@@ -4,7 +4,9 @@
 
 
 wildcard_constraints:
-    vlm_method=_alternatives(VLM.get("methods") or ["none"]),
+    vlm_method=_alternatives(sorted(set(VLM.get("methods") or ["none"]) | set((VLM.get("epoch_curve") or {}).get("methods", [])))),
+    image_side="base|all",
+    epochs=r"\d+",
 
 
 rule pretrain_image_text:
@@ -12,13 +14,13 @@ rule pretrain_image_text:
         manifest=ancient("data/prepared/{dataset}/manifest.json"),
         hparams="config/methods/pretrain/image_text.yaml",
     output:
-        model="results/checkpoints/vlm_pretrain/{dataset}/{backbone}/seed{seed}/model.pt",
-        history="results/checkpoints/vlm_pretrain/{dataset}/{backbone}/seed{seed}/history.json",
+        model="results/checkpoints/vlm_pretrain/{dataset}/{backbone}/saw_{image_side}/seed{seed}/model.pt",
+        history="results/checkpoints/vlm_pretrain/{dataset}/{backbone}/saw_{image_side}/seed{seed}/history.json",
     params:
         overrides=vlm_pretrain_overrides_json,
         backbone_kwargs=backbone_kwargs_json,
     log:
-        "logs/pretrain_image_text/{dataset}/{backbone}/seed{seed}.log",
+        "logs/pretrain_image_text/{dataset}/{backbone}/saw_{image_side}/seed{seed}.log",
     threads: 2
     resources:
         mem_mb=6000,
@@ -29,24 +31,24 @@ rule pretrain_image_text:
         "classlab train --family pretrain --method image_text --data data/prepared/{wildcards.dataset} "
         "--backbone {wildcards.backbone} --backbone-kwargs '{params.backbone_kwargs}' --seed {wildcards.seed} "
         "--overrides '{params.overrides}' --threads {threads} "
-        "--out-dir results/checkpoints/vlm_pretrain/{wildcards.dataset}/{wildcards.backbone}/seed{wildcards.seed} "
+        "--out-dir results/checkpoints/vlm_pretrain/{wildcards.dataset}/{wildcards.backbone}/saw_{wildcards.image_side}/seed{wildcards.seed} "
         "> {log} 2>&1"
 
 
 rule adapt_prompts:
     input:
-        pretrained=ancient("results/checkpoints/vlm_pretrain/{dataset}/{backbone}/seed{seed}/model.pt"),
+        pretrained=ancient("results/checkpoints/vlm_pretrain/{dataset}/{backbone}/saw_{image_side}/seed{seed}/model.pt"),
         manifest=ancient("data/prepared/{dataset}/manifest.json"),
         hparams="config/methods/vlm/{vlm_method}.yaml",
     output:
-        metrics="results/eval/vlm/{dataset}/{backbone}/{vlm_method}/seed{seed}/metrics.json",
-        predictions="results/eval/vlm/{dataset}/{backbone}/{vlm_method}/seed{seed}/predictions.npz",
+        metrics="results/eval/vlm/{dataset}/{backbone}/saw_{image_side}/{vlm_method}/seed{seed}/metrics.json",
+        predictions="results/eval/vlm/{dataset}/{backbone}/saw_{image_side}/{vlm_method}/seed{seed}/predictions.npz",
     params:
         overrides=vlm_overrides,
         shots=VLM.get("shots", 16),
         test_per_class=VLM.get("test_per_class", 0),
     log:
-        "logs/adapt_prompts/{dataset}/{backbone}/{vlm_method}/seed{seed}.log",
+        "logs/adapt_prompts/{dataset}/{backbone}/saw_{image_side}/{vlm_method}/seed{seed}.log",
     threads: 2
     resources:
         mem_mb=6000,
@@ -56,9 +58,54 @@ rule adapt_prompts:
     shell:
         "classlab base-to-novel --method {wildcards.vlm_method} --pretrained {input.pretrained} "
         "--data data/prepared/{wildcards.dataset} --seed {wildcards.seed} --shots {params.shots} "
-        "--test-per-class {params.test_per_class} --overrides '{params.overrides}' --threads {threads} "
-        "--out-dir results/eval/vlm/{wildcards.dataset}/{wildcards.backbone}/{wildcards.vlm_method}/seed{wildcards.seed} "
+        "--test-per-class {params.test_per_class} --image-side {wildcards.image_side} --overrides '{params.overrides}' "
+        "--threads {threads} "
+        "--out-dir results/eval/vlm/{wildcards.dataset}/{wildcards.backbone}/saw_{wildcards.image_side}/{wildcards.vlm_method}/seed{wildcards.seed} "
         "--no-progress > {log} 2>&1"
+
+
+rule adapt_prompts_epochs:
+    input:
+        pretrained=ancient("results/checkpoints/vlm_pretrain/{dataset}/{backbone}/saw_{image_side}/seed{seed}/model.pt"),
+        manifest=ancient("data/prepared/{dataset}/manifest.json"),
+        hparams="config/methods/vlm/{vlm_method}.yaml",
+    output:
+        metrics="results/eval/vlm_epochs/{dataset}/{backbone}/saw_{image_side}/{vlm_method}/epochs{epochs}/seed{seed}/metrics.json",
+        predictions="results/eval/vlm_epochs/{dataset}/{backbone}/saw_{image_side}/{vlm_method}/epochs{epochs}/seed{seed}/predictions.npz",
+    params:
+        overrides=vlm_epoch_overrides,
+        shots=VLM.get("shots", 16),
+        test_per_class=VLM.get("test_per_class", 0),
+    log:
+        "logs/adapt_prompts_epochs/{dataset}/{backbone}/saw_{image_side}/{vlm_method}/epochs{epochs}/seed{seed}.log",
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=240,
+    conda:
+        ENV
+    shell:
+        "classlab base-to-novel --method {wildcards.vlm_method} --pretrained {input.pretrained} "
+        "--data data/prepared/{wildcards.dataset} --seed {wildcards.seed} --shots {params.shots} "
+        "--test-per-class {params.test_per_class} --image-side {wildcards.image_side} --overrides '{params.overrides}' "
+        "--threads {threads} "
+        "--out-dir results/eval/vlm_epochs/{wildcards.dataset}/{wildcards.backbone}/saw_{wildcards.image_side}/{wildcards.vlm_method}/epochs{wildcards.epochs}/seed{wildcards.seed} "
+        "--no-progress > {log} 2>&1"
+
+
+rule plot_vlm_epochs:
+    input:
+        metrics=vlm_epoch_metrics(),
+    output:
+        figure=report("results/figures/vlm/accuracy_vs_epochs.png", caption="../report/vlm_epochs.rst",
+                      category="vlm", subcategory="figures"),
+        table="results/tables/vlm/accuracy_vs_epochs.csv",
+    log:
+        "logs/plot_vlm_epochs.log",
+    conda:
+        ENV
+    shell:
+        "classlab plot-vlm-epochs --metrics {input.metrics} --figure {output.figure} --table {output.table} > {log} 2>&1"
 
 
 rule aggregate_vlm:

@@ -76,10 +76,14 @@ def load_image_text(path: Path):
 
 def run_base_to_novel(method: str, pretrained: Path, data_dir: Path, seed: int, out_dir: Path, shots: int = 16,
                       overrides: dict | None = None, test_per_class: int = 0, threads: int | None = None,
-                      device: str | None = None, progress: bool = False) -> dict:
+                      device: str | None = None, progress: bool = False, image_side: str = "base") -> dict:
     """Adapt the pretrained image-text model with ``method`` on ``shots`` images per base class; test it
     on the test split, or on a seeded ``test_per_class`` subset of it (the same for every method and
-    seed: image-conditioned prompts run every class's prompt through the text tower for each image)."""
+    seed: image-conditioned prompts run every class's prompt through the text tower for each image).
+
+    ``image_side`` is what the pretrained model's image side may have seen: ``base`` (the default: a
+    model that saw a new class is refused) or ``all`` (CLIP's own situation: pretraining saw every
+    class, the new classes are new only to the prompt learning)."""
     from classlab.data.prepare import load_prepared
     from classlab.data.scenarios import test_subset
 
@@ -95,7 +99,10 @@ def run_base_to_novel(method: str, pretrained: Path, data_dir: Path, seed: int, 
     if int(meta["num_classes"]) != k or meta.get("dataset") != data.manifest.get("dataset"):
         raise ConfigError(f"pretrained: {pretrained} was trained on {meta.get('dataset')} ({meta['num_classes']} "
                           f"classes), the data is {data.manifest.get('dataset')} ({k})")
-    if set(seen) & set(new):
+    if image_side not in ("base", "all"):
+        raise ConfigError(f"image_side: {image_side!r}; one of 'base' (the image side saw the base classes only) "
+                          "or 'all' (it saw every class, as CLIP's pretraining did)")
+    if image_side == "base" and set(seen) & set(new):
         raise ConfigError(f"pretrained: {pretrained}'s image side saw new classes {sorted(set(seen) & set(new))}; "
                           f"base-to-novel needs a model trained on the base classes {base} only")
     subset = few_shot_indices(data.train.y, base, shots, seed)
@@ -141,7 +148,7 @@ def run_base_to_novel(method: str, pretrained: Path, data_dir: Path, seed: int, 
             np.savez_compressed(fh, logits=logits.astype(np.float32), labels=labels)
     metrics = {"method": method, "seed": int(seed), "shots": shots, "dataset": data.manifest.get("dataset"),
                "backbone": meta.get("backbone", ""),
-               "base_classes": base, "new_classes": new, "image_side_saw": seen, **acc, **val,
+               "base_classes": base, "new_classes": new, "image_side_saw": seen, "image_side": image_side, **acc, **val,
                "shots_digest": hashlib.sha256(subset.numpy().tobytes()).hexdigest(), "train_steps": steps,
                "test_samples": int(len(labels)), "test_per_class": int(test_per_class),
                "train_seconds": train_seconds, "history": history, "hparams": hp, "fingerprint": fingerprint,

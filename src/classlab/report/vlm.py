@@ -23,7 +23,7 @@ def vlm_runs(metric_files: list[str | Path]) -> pd.DataFrame:
     for path in metric_files:
         m = read_json(path)
         rows.append({"family": "vlm", "dataset": m.get("dataset", ""), "backbone": m.get("backbone", ""),
-                     "scenario": f"base_to_novel/{int(m['shots'])}shot", "method": m["method"], "seed": int(m["seed"]),
+                     "scenario": f"base_to_novel/{int(m['shots'])}shot/saw_{m.get('image_side', 'base')}", "method": m["method"], "seed": int(m["seed"]),
                      **{k: float(m[k]) for k in METRICS}, "shots": int(m["shots"]),
                      **{k: float(m[k]) for k in LABEL_METRIC if k in m},
                      "image_side_saw": " ".join(str(c) for c in m.get("image_side_saw", [])),
@@ -47,7 +47,9 @@ def vlm_markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
     for (dataset, backbone, scenario), group in summary.groupby(["dataset", "backbone", "scenario"]):
         saw = runs[(runs.dataset == dataset) & (runs.scenario == scenario)].image_side_saw.iloc[0]
         lines.append(f"### {dataset} ({backbone}), {scenario}: accuracy (%), mean ± std over seeds\n")
-        lines.append(f"The image side of the offline CLIP was trained on classes {saw} only (the base classes).\n")
+        side = ("the base classes only: the new classes are new to the image side" if scenario.endswith("saw_base")
+                else "every class, as CLIP's web pretraining saw them: the new classes are new to the prompt learning only")
+        lines.append(f"The image side of the offline CLIP was trained on classes {saw}: {side}.\n")
         lines.append("| method | base | new | H | seeds |")
         lines.append("|---|---|---|---|---|")
         for r in group.itertuples():
@@ -77,6 +79,53 @@ def write_vlm_tables(metric_files, runs_csv: Path, summary_csv: Path, summary_md
     write_table_set(runs, summary, "# vlm\n\n" + (vlm_markdown(summary, runs) if len(summary) else "no runs\n"), runs_csv,
                     summary_csv, summary_md)
     return runs
+
+
+def epoch_curve(metric_files) -> pd.DataFrame:
+    """One row per (setting, method, epochs): base, new and H, mean and std over seeds."""
+    rows = []
+    for path in metric_files:
+        m = read_json(path)
+        rows.append({"image_side": m.get("image_side", "base"), "method": m["method"], "seed": int(m["seed"]),
+                     "epochs": int(m["hparams"]["epochs"]), **{k: float(m[k]) for k in METRICS}})
+    runs = pd.DataFrame(rows)
+    out = runs.groupby(["image_side", "method", "epochs"])[list(METRICS)].agg(["mean", "std"])
+    out.columns = [f"{metric}_{stat}" for metric, stat in out.columns]
+    out["seeds"] = runs.groupby(["image_side", "method", "epochs"]).seed.count()
+    return out.reset_index().sort_values(["image_side", "method", "epochs"])
+
+
+def write_epoch_curve(metric_files, figure: Path, table: Path) -> pd.DataFrame:
+    """OGEN's long-training figure: base, new and H against epochs, one line per method, one row of
+    panels per image-side setting; the table beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from classlab.io import atomic_path, write_text
+
+    curve = epoch_curve(metric_files)
+    sides = list(dict.fromkeys(curve.image_side))
+    fig, axes = plt.subplots(len(sides), 3, figsize=(11, 3.2 * len(sides)), squeeze=False)
+    for row, side in enumerate(sides):
+        for col, metric in enumerate(METRICS):
+            ax = axes[row][col]
+            for method, group in curve[curve.image_side == side].groupby("method"):
+                ax.errorbar(group.epochs, 100 * group[f"{metric}_mean"], yerr=100 * group[f"{metric}_std"].fillna(0),
+                            marker="o", capsize=3, label=method)
+            ax.set_title(f"{ {'base': 'base', 'new': 'new', 'hm': 'H'}[metric]} (image side saw {side})")
+            ax.set_xlabel("training epochs")
+            ax.set_ylabel("accuracy (%)")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    Path(figure).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(Path(figure)) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    write_text(table, curve.to_csv(index=False))
+    return curve
 
 
 def vlm_claims(runs: pd.DataFrame, claims=None) -> pd.DataFrame:
