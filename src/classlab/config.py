@@ -426,10 +426,15 @@ def validate_config(config: dict) -> dict:
             if method not in known:
                 problems.append(f"config key families.{family}.methods[{i}]: {method!r} is not a method of "
                                 f"family {family!r}; allowed values: {known}")
+        run = list(spec["methods"])
+        if family == "vlm":  # the vlm family's other protocols name their own methods
+            run += [m for part in ("compositional", "label_noise", "epoch_curve")
+                    for m in (spec.get(part) or {}).get("methods", [])]
         for method, overrides in spec["overrides"].items():
-            if method not in spec["methods"]:
+            if method not in run:
                 problems.append(f"config key families.{family}.overrides.{method}: {method!r} is not in "
-                                f"families.{family}.methods {spec['methods']}")
+                                f"families.{family}.methods {spec['methods']}"
+                                + (" nor in the compositional, label_noise or epoch_curve methods" if family == "vlm" else ""))
         for method in spec["methods"]:
             if method in known:
                 problems += _check_method(family, method, spec["overrides"].get(method),
@@ -831,6 +836,13 @@ def _validate_vlm(config: dict) -> list[str]:
         return ["config key families.vlm.pretrain.classes: the offline CLIP trains on the base classes (the first "
                 "half of the sorted labels) or on all of them, as families.vlm.image_sides says; the protocol sets them"]
     problems = _check_method("pretrain", "image_text", spec["pretrain"], "families.vlm.pretrain")
+    for part in ("compositional", "label_noise"):
+        for i, method in enumerate((spec.get(part) or {}).get("methods", [])):
+            problems += _check_method("vlm", method, (spec.get("overrides") or {}).get(method, {}),
+                                      f"families.vlm.{part}.methods[{i}]")
+    if (spec.get("compositional") or {}).get("pretrain"):
+        problems += _check_method("pretrain", "image_text", spec["compositional"]["pretrain"],
+                                  "families.vlm.compositional.pretrain")
     curve = spec.get("epoch_curve") or {}
     for i, method in enumerate(curve.get("methods", [])):
         problems += _check_method("vlm", method, {**(spec.get("overrides") or {}).get(method, {}),

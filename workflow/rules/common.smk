@@ -31,11 +31,13 @@ def _alternatives(values):
 DISCOVERY = FAMILIES.get("discovery", {})
 EXPLAIN = FAMILIES.get("explain", {})
 # datasets a discovery split names for itself (tabular NCD on digits, mnist1d) and the explain family's
-# scene datasets join the data rules
+# scene datasets and the vlm family's pairs and label-noise datasets join the data rules
 ALL_DATASETS = sorted(
     set(DATASETS)
     | {d for s in DISCOVERY.get("splits", {}).values() for d in s.get("datasets", [])}
     | set(EXPLAIN.get("datasets", []))
+    | set((FAMILIES.get("vlm", {}).get("compositional") or {}).get("datasets", []))
+    | set((FAMILIES.get("vlm", {}).get("label_noise") or {}).get("datasets", []))
 )
 
 
@@ -68,15 +70,16 @@ def pretrain_overrides_json(wildcards):
 
 def mirror_option(wildcards):
     # a scene dataset downloads its base dataset's raw files, from the base dataset's mirror
+    # (a pairs dataset likewise)
     mirror = config["mirrors"].get(wildcards.dataset) or config["mirrors"].get(scene_base(wildcards.dataset))
     return f"--mirror {mirror}" if mirror else ""
 
 
 def scene_base(dataset):
-    """The registry dataset a scene dataset is built from (None for any other dataset)."""
-    from classlab.data.registry import SCENE_BASES
+    """The registry dataset a scene or pairs dataset is built from (None for any other dataset)."""
+    from classlab.data.registry import PAIRS_BASES, SCENE_BASES
 
-    return SCENE_BASES.get(dataset)
+    return SCENE_BASES.get(dataset) or PAIRS_BASES.get(dataset)
 
 
 def scene_recipe_option(wildcards):
@@ -715,6 +718,10 @@ def vlm_backbone():
     return config["backbones"][0]
 
 
+VLM_PAIRS = VLM.get("compositional") or {}
+VLM_NOISE = VLM.get("label_noise") or {}
+
+
 def vlm_image_sides():
     # what the offline CLIP's image side sees: the base classes only (the issue's default) and/or all
     # classes (CLIP's own situation: the new classes are new only to the prompt learning)
@@ -725,7 +732,13 @@ def vlm_pretrain_overrides_json(wildcards):
     from classlab.data.registry import get_dataset
     from classlab.metrics.vlm import base_new_split
 
-    base, _ = base_new_split(get_dataset(wildcards.dataset).num_classes)
+    spec = get_dataset(wildcards.dataset)
+    if wildcards.image_side == "seen":  # a pairs dataset: the seen pairs only (the unseen have no training image)
+        from classlab.data.pairs import resolve_pairs_recipe
+
+        seen = resolve_pairs_recipe(None, get_dataset(spec.pairs_base).class_names, spec.pairs_defaults)["seen_labels"]
+        return json.dumps({**VLM_PAIRS.get("pretrain", VLM.get("pretrain", {})), "classes": seen}, sort_keys=True)
+    base, _ = base_new_split(spec.num_classes)
     classes = base if wildcards.image_side == "base" else []  # []: every class
     return json.dumps({**VLM.get("pretrain", {}), "classes": classes}, sort_keys=True)
 
@@ -748,6 +761,34 @@ def vlm_metrics():
         method=VLM.get("methods", []),
         seed=SEEDS,
     )
+
+
+def vlm_pairs_metrics():
+    # compositional zero-shot: each method on each pairs dataset, on the CLIP of its seen pairs
+    return expand(
+        "results/eval/vlm_pairs/{dataset}/{backbone}/{method}/seed{seed}/metrics.json",
+        dataset=VLM_PAIRS.get("datasets", []),
+        backbone=[vlm_backbone()] if VLM else [],
+        method=VLM_PAIRS.get("methods", []),
+        seed=SEEDS,
+    )
+
+
+def vlm_noise_metrics():
+    # CAPro's protocol: each method at each injected noise rate, a fresh backbone per run
+    return expand(
+        "results/eval/vlm_noise/{dataset}/{backbone}/{kind}_noise{rate}/{method}/seed{seed}/metrics.json",
+        dataset=VLM_NOISE.get("datasets", DATASETS) if VLM_NOISE else [],
+        backbone=[vlm_backbone()] if VLM_NOISE else [],
+        kind=[VLM_NOISE.get("kind", "web")],
+        rate=[f"{r:g}" for r in VLM_NOISE.get("rates", [])],
+        method=VLM_NOISE.get("methods", []),
+        seed=SEEDS,
+    )
+
+
+def vlm_all_metrics():
+    return vlm_metrics() + vlm_pairs_metrics() + vlm_noise_metrics()
 
 
 def vlm_epoch_metrics():

@@ -4,8 +4,11 @@
 
 
 wildcard_constraints:
-    vlm_method=_alternatives(sorted(set(VLM.get("methods") or ["none"]) | set((VLM.get("epoch_curve") or {}).get("methods", [])))),
-    image_side="base|all",
+    vlm_method=_alternatives(sorted(set(VLM.get("methods") or ["none"]) | set((VLM.get("epoch_curve") or {}).get("methods", []))
+                                    | set(VLM_PAIRS.get("methods", [])) | set(VLM_NOISE.get("methods", [])))),
+    image_side="base|all|seen",
+    noise_kind="web|symmetric",
+    noise_rate=r"0(\.\d+)?",
     epochs=r"\d+",
 
 
@@ -64,6 +67,60 @@ rule adapt_prompts:
         "--no-progress > {log} 2>&1"
 
 
+rule adapt_pairs:
+    input:
+        pretrained=ancient("results/checkpoints/vlm_pretrain/{dataset}/{backbone}/saw_seen/seed{seed}/model.pt"),
+        manifest=ancient("data/prepared/{dataset}/manifest.json"),
+        hparams="config/methods/vlm/{vlm_method}.yaml",
+    output:
+        metrics="results/eval/vlm_pairs/{dataset}/{backbone}/{vlm_method}/seed{seed}/metrics.json",
+        predictions="results/eval/vlm_pairs/{dataset}/{backbone}/{vlm_method}/seed{seed}/predictions.npz",
+    params:
+        overrides=vlm_overrides,
+        shots=VLM_PAIRS.get("shots", 16),
+    log:
+        "logs/adapt_pairs/{dataset}/{backbone}/{vlm_method}/seed{seed}.log",
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=120,
+    conda:
+        ENV
+    shell:
+        "classlab compositional --method {wildcards.vlm_method} --pretrained {input.pretrained} "
+        "--data data/prepared/{wildcards.dataset} --seed {wildcards.seed} --shots {params.shots} "
+        "--overrides '{params.overrides}' --threads {threads} "
+        "--out-dir results/eval/vlm_pairs/{wildcards.dataset}/{wildcards.backbone}/{wildcards.vlm_method}/seed{wildcards.seed} "
+        "--no-progress > {log} 2>&1"
+
+
+rule train_noisy_labels:
+    input:
+        manifest=ancient("data/prepared/{dataset}/manifest.json"),
+        hparams="config/methods/vlm/{vlm_method}.yaml",
+    output:
+        metrics="results/eval/vlm_noise/{dataset}/{backbone}/{noise_kind}_noise{noise_rate}/{vlm_method}/seed{seed}/metrics.json",
+        predictions="results/eval/vlm_noise/{dataset}/{backbone}/{noise_kind}_noise{noise_rate}/{vlm_method}/seed{seed}/predictions.npz",
+    params:
+        overrides=vlm_overrides,
+        backbone_kwargs=backbone_kwargs_json,
+    log:
+        "logs/train_noisy_labels/{dataset}/{backbone}/{noise_kind}_noise{noise_rate}/{vlm_method}/seed{seed}.log",
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=240,
+    conda:
+        ENV
+    shell:
+        "classlab label-noise --method {wildcards.vlm_method} --data data/prepared/{wildcards.dataset} "
+        "--seed {wildcards.seed} --noise-rate {wildcards.noise_rate} --noise-kind {wildcards.noise_kind} "
+        "--backbone {wildcards.backbone} --backbone-kwargs '{params.backbone_kwargs}' "
+        "--overrides '{params.overrides}' --threads {threads} "
+        "--out-dir results/eval/vlm_noise/{wildcards.dataset}/{wildcards.backbone}/{wildcards.noise_kind}_noise{wildcards.noise_rate}/{wildcards.vlm_method}/seed{wildcards.seed} "
+        "--no-progress > {log} 2>&1"
+
+
 rule adapt_prompts_epochs:
     input:
         pretrained=ancient("results/checkpoints/vlm_pretrain/{dataset}/{backbone}/saw_{image_side}/seed{seed}/model.pt"),
@@ -110,7 +167,7 @@ rule plot_vlm_epochs:
 
 rule aggregate_vlm:
     input:
-        metrics=vlm_metrics(),
+        metrics=vlm_all_metrics(),
         claims="config/claims/vlm.yaml",
     output:
         runs="results/tables/vlm/runs.csv",

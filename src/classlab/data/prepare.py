@@ -15,6 +15,12 @@ scene label), the test scenes the raw test split. Each split file also carries t
 ``boxes`` (N, 4), ``distractor_boxes`` (N, D, 4), ``distractor_labels`` (N, D) and
 ``object_sources`` (N, 1 + D), cut with their scenes; the manifest adds the recipe, the base
 dataset, the canvas and the box-area share (``scenes``).
+
+Pairs datasets (``fashion_mnist_pairs``, ``digits_pairs``: a spec with a ``pairs_base``) colour
+their base dataset's raw images into attribute-object pairs (``classlab.data.pairs``); the raw
+train split keeps the seen pairs' images only (so does validation, cut from it), the raw test split
+every pair's; the manifest adds ``pairs`` (attributes, objects, the pair of each label, seen and
+unseen labels, the recipe). A bad recipe raises ``PairsError`` before anything is written.
 """
 from __future__ import annotations
 
@@ -99,6 +105,8 @@ def prepare(dataset: str, raw_dir: Path, out_dir: Path, seed: int = 0,
     raises ``SceneError`` naming the key before anything is written.
     """
     spec = get_dataset(dataset)
+    if spec.pairs_base is not None:
+        return _prepare_pairs(spec, raw_dir, out_dir, seed, val_fraction, recipe)
     if spec.scene_base is None and recipe is not None:
         from classlab.data.registry import DATASETS
         from classlab.data.scenes import SceneError
@@ -114,6 +122,27 @@ def prepare(dataset: str, raw_dir: Path, out_dir: Path, seed: int = 0,
     extras, scene_info = {}, None
     if spec.scene_base is not None:
         raw, extras, scene_info = _scene_raw(spec, raw, recipe)
+    return _write_prepared(dataset, raw, spec, Path(out_dir), seed, val_fraction, extras, scene_info)
+
+
+def _prepare_pairs(spec, raw_dir: Path, out_dir: Path, seed: int, val_fraction: float, recipe: dict | None) -> dict:
+    """A pairs dataset (``classlab.data.pairs``): the recipe is checked before the raw files load, the
+    train split holds the seen pairs only, the manifest adds ``pairs``."""
+    from classlab.data.pairs import build_pairs, resolve_pairs_recipe
+    from classlab.data.registry import RawSplits
+
+    base_names = get_dataset(spec.pairs_base).class_names
+    resolve_pairs_recipe(recipe, base_names, spec.pairs_defaults)  # a bad recipe fails before anything loads
+    raw = spec.load_raw(Path(raw_dir))
+    tx, ty, ex, ey, names, info = build_pairs(raw.train_x, raw.train_y, raw.test_x, raw.test_y,
+                                              raw.class_names or base_names, recipe, spec.pairs_defaults,
+                                              base=spec.pairs_base)
+    return _write_prepared(spec.name, RawSplits(tx, ty, ex, ey, names), spec, Path(out_dir), seed, val_fraction,
+                           {}, None, pairs_info=info)
+
+
+def _write_prepared(dataset: str, raw, spec, out_dir: Path, seed: int, val_fraction: float, extras: dict,
+                    scene_info: dict | None, pairs_info: dict | None = None) -> dict:
     out_dir = Path(out_dir)
     class_names = raw.class_names or spec.class_names
     for split, x, y in (("train", raw.train_x, raw.train_y), ("test", raw.test_x, raw.test_y)):
@@ -161,6 +190,8 @@ def prepare(dataset: str, raw_dir: Path, out_dir: Path, seed: int = 0,
     }
     if scene_info is not None:
         manifest["scenes"] = scene_info
+    if pairs_info is not None:
+        manifest["pairs"] = pairs_info
     write_json(out_dir / "manifest.json", manifest)
     return manifest
 

@@ -9,6 +9,10 @@ same kind: their raw files, mirror and parser are the base dataset's (``scene_ba
 ``prepare`` builds single-target scenes from them (``classlab.data.scenes``) with the spec's
 ``scene_defaults`` unless a recipe overrides them. Their ``class_names`` and ``size`` are those
 of the default recipe (the target classes, the canvas side); the manifest has the real ones.
+
+Pairs datasets (``fashion_mnist_pairs``, ``digits_pairs``) are specs of the same kind with a
+``pairs_base``: ``prepare`` colours the base's grayscale images into attribute-object pairs
+(``classlab.data.pairs``); their ``class_names`` are the default recipe's pair names.
 """
 from __future__ import annotations
 
@@ -51,6 +55,10 @@ class DatasetSpec:
     # recipe keys (over classlab.data.scenes.SINGLE_TARGET_RECIPE)
     scene_base: str | None = None
     scene_defaults: dict | None = None
+    # attribute-object pair datasets: the registry name whose raw files are coloured into pairs, and
+    # their default recipe keys (over classlab.data.pairs.PAIRS_RECIPE)
+    pairs_base: str | None = None
+    pairs_defaults: dict | None = None
 
     @property
     def num_classes(self) -> int:
@@ -349,3 +357,28 @@ def digits_scenes() -> DatasetSpec:
 @register_dataset("mnist_scenes")
 def mnist_scenes() -> DatasetSpec:
     return _scene_spec("mnist_scenes", mnist(), {"n_train": 6000, "n_test": 1000})
+
+
+# --- attribute-object pairs built from a base dataset (the vlm family's compositional data) ----
+
+def _pairs_spec(name: str, base: DatasetSpec, defaults: dict) -> DatasetSpec:
+    from classlab.data.pairs import resolve_pairs_recipe
+
+    r = resolve_pairs_recipe(None, base.class_names, defaults)
+    return DatasetSpec(name, r["class_names"], 3, base.size, list(base.files), base.default_mirror, base.load_raw,
+                       base.materialize, pairs_base=base.name, pairs_defaults=dict(defaults))
+
+
+# pairs dataset -> the dataset it is built from, readable without building a spec
+PAIRS_BASES = {"fashion_mnist_pairs": "fashion_mnist", "digits_pairs": "digits"}
+
+
+# 4 colours x 10 objects = 40 pairs, 10 of them unseen (the recipe's defaults)
+@register_dataset("fashion_mnist_pairs")
+def fashion_mnist_pairs() -> DatasetSpec:
+    return _pairs_spec("fashion_mnist_pairs", fashion_mnist(), {})
+
+
+@register_dataset("digits_pairs")
+def digits_pairs() -> DatasetSpec:
+    return _pairs_spec("digits_pairs", digits(), {})

