@@ -233,7 +233,7 @@ def _label_noise(a):
     run_label_noise(a.method, Path(a.data), a.seed, Path(a.out_dir), noise_rate=a.noise_rate, noise_kind=a.noise_kind,
                     backbone=a.backbone, backbone_kwargs=json.loads(a.backbone_kwargs),
                     overrides=json.loads(a.overrides), threads=a.threads, device=a.device,
-                    progress=not a.no_progress)
+                    progress=not a.no_progress, samples_per_class=a.samples_per_class)
 
 
 def _plot_vlm_epochs(a):
@@ -645,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--noise-rate", type=float, required=True, help="share of training labels flipped, in [0, 1)")
     p.add_argument("--noise-kind", default="web", choices=["web", "symmetric"])
+    p.add_argument("--samples-per-class", type=int, default=0, help="a seeded training subset per class (0: all)")
     p.add_argument("--backbone", default="convnet")
     p.add_argument("--backbone-kwargs", default="{}")
     p.add_argument("--overrides", default="{}")

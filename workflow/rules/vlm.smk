@@ -104,6 +104,7 @@ rule train_noisy_labels:
     params:
         overrides=vlm_overrides,
         backbone_kwargs=backbone_kwargs_json,
+        samples_per_class=VLM_NOISE.get("samples_per_class", 0),
     log:
         "logs/train_noisy_labels/{dataset}/{backbone}/{noise_kind}_noise{noise_rate}/{vlm_method}/seed{seed}.log",
     threads: 2
@@ -115,6 +116,7 @@ rule train_noisy_labels:
     shell:
         "classlab label-noise --method {wildcards.vlm_method} --data data/prepared/{wildcards.dataset} "
         "--seed {wildcards.seed} --noise-rate {wildcards.noise_rate} --noise-kind {wildcards.noise_kind} "
+        "--samples-per-class {params.samples_per_class} "
         "--backbone {wildcards.backbone} --backbone-kwargs '{params.backbone_kwargs}' "
         "--overrides '{params.overrides}' --threads {threads} "
         "--out-dir results/eval/vlm_noise/{wildcards.dataset}/{wildcards.backbone}/{wildcards.noise_kind}_noise{wildcards.noise_rate}/{wildcards.vlm_method}/seed{wildcards.seed} "

@@ -75,15 +75,19 @@ def _digest(array) -> str:
 def run_label_noise(method: str, data_dir: Path, seed: int, out_dir: Path, noise_rate: float,
                     noise_kind: str = "web", backbone: str = "convnet", backbone_kwargs: dict | None = None,
                     overrides: dict | None = None, threads: int | None = None, device: str | None = None,
-                    progress: bool = False) -> dict:
+                    progress: bool = False, samples_per_class: int = 0) -> dict:
     """Train ``method`` from scratch on the train split with ``noise_rate`` of its labels flipped
-    (``noise_kind``); report test and val accuracy on clean labels (see the module docstring)."""
+    (``noise_kind``); report test and val accuracy on clean labels (see the module docstring).
+    ``samples_per_class`` > 0 trains on a seeded subset of that many images per class (the same for
+    every method and rate of a seed), the noise injected into it."""
     from classlab.data.prepare import load_prepared
     from classlab.models import build_classifier
 
     # bad input stops the job here, before anything is read, trained or written
     noise_rate = check_noise_rate(noise_rate)
     noise_kind = check_noise_kind(noise_kind)
+    if isinstance(samples_per_class, bool) or not isinstance(samples_per_class, int) or samples_per_class < 0:
+        raise ConfigError(f"samples_per_class: {samples_per_class!r} must be a non-negative integer (0: all)")
     hp = resolve_checked_hparams(FAMILY, method, overrides)
     cls = get_method(FAMILY, method)
     if not getattr(cls, "trains_on_noisy_labels", False):
@@ -96,13 +100,19 @@ def run_label_noise(method: str, data_dir: Path, seed: int, out_dir: Path, noise
     dataset = manifest.get("dataset", "")
     names = list(manifest.get("class_names") or [str(c) for c in range(k)])
     text = class_text_features(dataset, names)
-    clean = data.train.y.clone()
+    train_x, clean = data.train.x, data.train.y.clone()
+    if samples_per_class:
+        from classlab.train import training_subset
+
+        subset = training_subset(clean, [], int(samples_per_class), int(seed))
+        train_x, clean = train_x[subset], clean[subset]
     noisy, flipped = inject_label_noise(clean, noise_rate, noise_kind, noise_seed(seed),
                                         class_similarity=class_text_similarity(text), num_classes=k)
     summary = noise_summary(clean, noisy, k)
     backbone_kwargs = dict(backbone_kwargs or {})
     fingerprint = make_fingerprint(protocol="label_noise", method=method, hparams=hp, seed=int(seed),
                                    noise_rate=noise_rate, noise_kind=noise_kind, data=dataset_digest(manifest),
+                                   samples_per_class=int(samples_per_class),
                                    backbone=backbone, backbone_kwargs=backbone_kwargs,
                                    noisy_labels=_digest(noisy.numpy()))
     dev = pick_device(device)
@@ -118,7 +128,7 @@ def run_label_noise(method: str, data_dir: Path, seed: int, out_dir: Path, noise
     t0 = time.perf_counter()
     trainer = Trainer(learner, TrainConfig.from_hparams(hp), dev, int(seed), out_dir / "last.pt", progress,
                       fingerprint=fingerprint)
-    history = trainer.fit(trainer.make_loader(data.train.x, noisy, mean, std)) if int(hp.get("epochs", 0)) > 0 else []
+    history = trainer.fit(trainer.make_loader(train_x, noisy, mean, std)) if int(hp.get("epochs", 0)) > 0 else []
     train_seconds = time.perf_counter() - t0
     learner.to(dev).eval()
 
@@ -126,7 +136,7 @@ def run_label_noise(method: str, data_dir: Path, seed: int, out_dir: Path, noise
     cleaning = {"corrected_fraction": None, "flipped_dropped_fraction": None, "clean_kept_fraction": None,
                 "relabelled_fraction": None, "dropped_fraction": None, "cleaned_label_accuracy": None}
     if hasattr(learner, "cleaned_labels"):
-        ordered = TensorLoader(data.train.x, noisy, 512, device=dev, mean=mean, std=std)
+        ordered = TensorLoader(train_x, noisy, 512, device=dev, mean=mean, std=std)
         cleaned = learner.cleaned_labels(ordered)
         if cleaned is not None:
             cleaned = cleaned.cpu()
@@ -156,7 +166,8 @@ def run_label_noise(method: str, data_dir: Path, seed: int, out_dir: Path, noise
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, logits=logits.astype(np.float32), labels=labels,
                                 train_noisy_labels=noisy.numpy(), train_flipped=flipped.numpy())
-    metrics = {"method": method, "family": FAMILY, "seed": int(seed), "dataset": dataset, "backbone": backbone,
+    metrics = {"protocol": "label_noise", "method": method, "family": FAMILY, "seed": int(seed), "dataset": dataset,
+               "backbone": backbone, "samples_per_class": int(samples_per_class),
                "backbone_kwargs": backbone_kwargs, "noise_rate": noise_rate, "noise_kind": noise_kind, **summary,
                "noise_digest": _digest(noisy.numpy()), **test, **val, **cleaning,
                "train_steps": int(trainer.steps_done), "train_seconds": train_seconds, "history": history,
