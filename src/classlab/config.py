@@ -836,6 +836,9 @@ def _validate_vlm(config: dict) -> list[str]:
         return ["config key families.vlm.pretrain.classes: the offline CLIP trains on the base classes (the first "
                 "half of the sorted labels) or on all of them, as families.vlm.image_sides says; the protocol sets them"]
     problems = _check_method("pretrain", "image_text", spec["pretrain"], "families.vlm.pretrain")
+    if spec.get("clip") and list(spec.get("image_sides") or ["base"]) != ["all"]:
+        problems.append(f"config key families.vlm.image_sides: real CLIP ({spec['clip']}) saw the web in pretraining, "
+                        "not the base classes only; set image_sides: [all]")
     for part in ("compositional", "label_noise"):
         for i, method in enumerate((spec.get(part) or {}).get("methods", [])):
             problems += _check_method("vlm", method, (spec.get("overrides") or {}).get(method, {}),

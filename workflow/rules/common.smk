@@ -743,6 +743,19 @@ def vlm_pretrain_overrides_json(wildcards):
     return json.dumps({**VLM.get("pretrain", {}), "classes": classes}, sort_keys=True)
 
 
+def vlm_pretrained(wildcards):
+    # the offline CLIP this job adapts (a pretrain node), or nothing where families.vlm.clip names real CLIP
+    if VLM.get("clip"):
+        return []
+    side = getattr(wildcards, "image_side", "seen")  # adapt_pairs: the CLIP of the seen pairs
+    return ancient(f"results/checkpoints/vlm_pretrain/{wildcards.dataset}/{wildcards.backbone}/saw_{side}/"
+                   f"seed{wildcards.seed}/model.pt")
+
+
+def vlm_pretrained_arg(wildcards, input):
+    return VLM.get("clip") or input.pretrained
+
+
 def vlm_overrides(wildcards):
     return json.dumps(VLM.get("overrides", {}).get(wildcards.vlm_method, {}), sort_keys=True)
 

@@ -40,13 +40,14 @@ rule pretrain_image_text:
 
 rule adapt_prompts:
     input:
-        pretrained=ancient("results/checkpoints/vlm_pretrain/{dataset}/{backbone}/saw_{image_side}/seed{seed}/model.pt"),
+        pretrained=vlm_pretrained,
         manifest=ancient("data/prepared/{dataset}/manifest.json"),
         hparams="config/methods/vlm/{vlm_method}.yaml",
     output:
         metrics="results/eval/vlm/{dataset}/{backbone}/saw_{image_side}/{vlm_method}/seed{seed}/metrics.json",
         predictions="results/eval/vlm/{dataset}/{backbone}/saw_{image_side}/{vlm_method}/seed{seed}/predictions.npz",
     params:
+        pretrained=vlm_pretrained_arg,
         overrides=vlm_overrides,
         shots=VLM.get("shots", 16),
         test_per_class=VLM.get("test_per_class", 0),
@@ -59,7 +60,7 @@ rule adapt_prompts:
     conda:
         ENV
     shell:
-        "classlab base-to-novel --method {wildcards.vlm_method} --pretrained {input.pretrained} "
+        "classlab base-to-novel --method {wildcards.vlm_method} --pretrained {params.pretrained} "
         "--data data/prepared/{wildcards.dataset} --seed {wildcards.seed} --shots {params.shots} "
         "--test-per-class {params.test_per_class} --image-side {wildcards.image_side} --overrides '{params.overrides}' "
         "--threads {threads} "
@@ -69,13 +70,14 @@ rule adapt_prompts:
 
 rule adapt_pairs:
     input:
-        pretrained=ancient("results/checkpoints/vlm_pretrain/{dataset}/{backbone}/saw_seen/seed{seed}/model.pt"),
+        pretrained=vlm_pretrained,
         manifest=ancient("data/prepared/{dataset}/manifest.json"),
         hparams="config/methods/vlm/{vlm_method}.yaml",
     output:
         metrics="results/eval/vlm_pairs/{dataset}/{backbone}/{vlm_method}/seed{seed}/metrics.json",
         predictions="results/eval/vlm_pairs/{dataset}/{backbone}/{vlm_method}/seed{seed}/predictions.npz",
     params:
+        pretrained=vlm_pretrained_arg,
         overrides=vlm_overrides,
         shots=VLM_PAIRS.get("shots", 16),
     log:
@@ -87,7 +89,7 @@ rule adapt_pairs:
     conda:
         ENV
     shell:
-        "classlab compositional --method {wildcards.vlm_method} --pretrained {input.pretrained} "
+        "classlab compositional --method {wildcards.vlm_method} --pretrained {params.pretrained} "
         "--data data/prepared/{wildcards.dataset} --seed {wildcards.seed} --shots {params.shots} "
         "--overrides '{params.overrides}' --threads {threads} "
         "--out-dir results/eval/vlm_pairs/{wildcards.dataset}/{wildcards.backbone}/{wildcards.vlm_method}/seed{wildcards.seed} "
@@ -125,13 +127,14 @@ rule train_noisy_labels:
 
 rule adapt_prompts_epochs:
     input:
-        pretrained=ancient("results/checkpoints/vlm_pretrain/{dataset}/{backbone}/saw_{image_side}/seed{seed}/model.pt"),
+        pretrained=vlm_pretrained,
         manifest=ancient("data/prepared/{dataset}/manifest.json"),
         hparams="config/methods/vlm/{vlm_method}.yaml",
     output:
         metrics="results/eval/vlm_epochs/{dataset}/{backbone}/saw_{image_side}/{vlm_method}/epochs{epochs}/seed{seed}/metrics.json",
         predictions="results/eval/vlm_epochs/{dataset}/{backbone}/saw_{image_side}/{vlm_method}/epochs{epochs}/seed{seed}/predictions.npz",
     params:
+        pretrained=vlm_pretrained_arg,
         overrides=vlm_epoch_overrides,
         shots=VLM.get("shots", 16),
         test_per_class=VLM.get("test_per_class", 0),
@@ -144,7 +147,7 @@ rule adapt_prompts_epochs:
     conda:
         ENV
     shell:
-        "classlab base-to-novel --method {wildcards.vlm_method} --pretrained {input.pretrained} "
+        "classlab base-to-novel --method {wildcards.vlm_method} --pretrained {params.pretrained} "
         "--data data/prepared/{wildcards.dataset} --seed {wildcards.seed} --shots {params.shots} "
         "--test-per-class {params.test_per_class} --image-side {wildcards.image_side} --overrides '{params.overrides}' "
         "--threads {threads} "

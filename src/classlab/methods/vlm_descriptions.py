@@ -68,11 +68,11 @@ def generic_sentences(descriptions: dict, class_names: list[str], template: str 
 def generic_embeddings(hparams: dict, class_names: list[str], device: torch.device | str = "cpu"):
     """The loaded descriptions, the generic sentences, their MiniLM sentence embeddings (N, 384) on
     ``device`` and the owner class of each (N,) long: what a method keeps as buffers."""
-    from classlab.models.text import encode_texts
+    from classlab.models.image_text import encode_sentences
 
     descriptions = class_descriptions(hparams, class_names)
     texts, owner = generic_sentences(descriptions, class_names)
-    return (descriptions, texts, encode_texts(texts).to(device),
+    return (descriptions, texts, encode_sentences(texts).to(device),
             torch.tensor(owner, dtype=torch.long, device=device))
 
 

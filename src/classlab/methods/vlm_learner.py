@@ -52,9 +52,9 @@ class PromptMethod(Method):
     def build(self, class_names: list[str]) -> None:
         """Create the learnable parts for these classes (the protocol calls it before training)."""
         self.class_names = list(class_names)
-        from classlab.models.text import encode_texts
+        from classlab.models.image_text import encode_sentences
 
-        sentences = encode_texts([HAND_WRITTEN.format(n) for n in self.class_names])
+        sentences = encode_sentences([HAND_WRITTEN.format(n) for n in self.class_names])
         self.hand_written = sentences.to(self.clip.logit_scale.device)
 
     def text_features(self, classes: list[int], image: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,14 @@ TEXT_DIM = 384  # MiniLM-L6's hidden size
 
 class TextTower(nn.Module):
     """The frozen MiniLM: token ids or token embeddings in, unit-norm mean-pooled sentence embeddings out
-    (the same vectors as ``classlab.models.text.encode_texts``)."""
+    (the same vectors as ``classlab.models.text.encode_texts``).
+
+    The interface every text tower of the family has (``classlab.models.clip_weights.ClipTextTower``
+    is real CLIP's): ``width``, ``tokenize``, ``word_embeddings``, ``word_ids``, ``count_tokens``,
+    ``encode_embeds``, ``encode``. Token rows start with one special token ([CLS], CLIP's start of
+    text), so a prompt's words sit at positions 1, 2, ..."""
+
+    width = TEXT_DIM
 
     def __init__(self):
         super().__init__()
@@ -60,6 +67,13 @@ class TextTower(nn.Module):
         tokens = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
         device = self.word_embeddings.weight.device
         return tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+
+    def word_ids(self, text: str) -> list[int]:
+        """The token ids of ``text`` without the special tokens."""
+        return list(self.tokenizer.convert_tokens_to_ids(self.tokenizer.tokenize(text)))
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.word_ids(text))
 
     def encode_embeds(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(N, L, 384) token embeddings and their (N, L) mask -> (N, 384) unit-norm sentence embeddings:
@@ -85,9 +99,45 @@ def _tower_on(device: str) -> TextTower:
     return tower.to(device)
 
 
-def text_tower(device: torch.device | str = "cpu") -> TextTower:
+_ACTIVE = {"factory": None}  # None: the offline MiniLM tower; else a callable device -> tower
+
+
+def use_text_tower(factory=None) -> None:
+    """Route the family's text through another tower: ``factory(device)`` returns it (real CLIP's,
+    ``classlab.models.clip_weights``); None goes back to the offline MiniLM. One tower per process:
+    the protocol sets it when it loads a real CLIP model."""
+    _ACTIVE["factory"] = factory
+    _SENTENCES.clear()
+
+
+def text_tower(device: torch.device | str = "cpu"):
     """The process's frozen text tower on ``device`` (loaded once per device)."""
+    if _ACTIVE["factory"] is not None:
+        return _ACTIVE["factory"](torch.device(device))
     return _tower_on(str(torch.device(device)))
+
+
+_SENTENCES: dict[str, torch.Tensor] = {}
+
+
+def encode_sentences(texts) -> torch.Tensor:
+    """(N, width) unit-norm sentence embeddings of ``texts`` by the active tower, on the CPU: the
+    MiniLM's (``classlab.models.text.encode_texts``, cached there) or real CLIP's (cached here)."""
+    texts = [str(t) for t in texts]
+    if _ACTIVE["factory"] is None:
+        from classlab.models.text import encode_texts
+
+        return encode_texts(texts)
+    missing = list(dict.fromkeys(t for t in texts if t not in _SENTENCES))
+    if missing:
+        tower = text_tower("cpu")
+        for start in range(0, len(missing), 256):
+            chunk = missing[start:start + 256]
+            for text, vector in zip(chunk, tower.encode(chunk).float().cpu()):
+                _SENTENCES[text] = vector
+    if not texts:
+        return torch.zeros(0, text_tower("cpu").width)
+    return torch.stack([_SENTENCES[t] for t in texts])
 
 
 class ImageTextModel(nn.Module):
@@ -158,7 +208,7 @@ class PromptLearner(nn.Module):
         super().__init__()
         tower = text_tower(device)
         prefix = ctx_init.strip() if ctx_init else " ".join(["X"] * int(n_ctx))
-        n_ctx = len(tower.tokenizer.tokenize(prefix))
+        n_ctx = tower.count_tokens(prefix)
         ids, mask = tower.tokenize([f"{prefix} {name}." for name in class_names])
         self.register_buffer("token_ids", ids, persistent=False)
         self.register_buffer("attention_mask", mask, persistent=False)
@@ -169,7 +219,7 @@ class PromptLearner(nn.Module):
                 init = tower.word_embeddings(ids[0, 1:1 + n_ctx]).detach().clone()
             else:
                 gen = torch.Generator().manual_seed(int(seed))
-                init = (torch.randn(n_ctx, TEXT_DIM, generator=gen) * 0.02).to(ids.device)
+                init = (torch.randn(n_ctx, tower.width, generator=gen) * 0.02).to(ids.device)
         if class_specific:
             init = init.unsqueeze(0).repeat(self.num_classes, 1, 1)
         self.ctx = nn.Parameter(init)

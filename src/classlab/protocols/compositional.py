@@ -36,7 +36,7 @@ from classlab.io import atomic_path, write_json
 from classlab.methods.registry import get_method
 from classlab.metrics.compositional import compositional_scores
 from classlab.metrics.vlm import subset_accuracy
-from classlab.protocols.vlm import few_shot_indices, load_image_text
+from classlab.protocols.vlm import few_shot_indices, load_adaptable
 from classlab.provenance import run_provenance
 
 FAMILY = "vlm"
@@ -61,19 +61,16 @@ def run_compositional(method: str, pretrained: Path, data_dir: Path, seed: int, 
                           "the compositional protocol needs a pairs dataset (fashion_mnist_pairs, digits_pairs)")
     k = data.num_classes
     seen, unseen = sorted(int(c) for c in pairs["seen"]), sorted(int(c) for c in pairs["unseen"])
-    pretrained_model, meta, saw = load_image_text(Path(pretrained))
-    if int(meta["num_classes"]) != k or meta.get("dataset") != data.manifest.get("dataset"):
-        raise ConfigError(f"pretrained: {pretrained} was trained on {meta.get('dataset')} ({meta['num_classes']} "
-                          f"classes), the data is {data.manifest.get('dataset')} ({k})")
+    pretrained_model, meta, saw, pretrained_digest = load_adaptable(pretrained, data, device)
     names = list(data.manifest.get("class_names") or [str(c) for c in range(k)])
-    if set(saw) & set(unseen):
+    if saw is not None and set(saw) & set(unseen):  # None: real CLIP, whose web pretraining is unknown
         leaked = sorted(set(saw) & set(unseen))
         raise ConfigError(f"pretrained: {pretrained}'s image side saw unseen pairs {[names[c] for c in leaked]} "
                           f"(labels {leaked}); compositional zero-shot needs a model trained on the seen pairs only")
     subset = few_shot_indices(data.train.y, seen, shots, seed)
     out_dir = Path(out_dir)
     fingerprint = make_fingerprint(protocol="compositional", method=method, hparams=hp, seed=int(seed), shots=shots,
-                                   data=dataset_digest(data.manifest), pretrained=file_digest(Path(pretrained)))
+                                   data=dataset_digest(data.manifest), pretrained=pretrained_digest)
     dev = pick_device(device)
     seed_everything(int(seed))
     learner = cls(pretrained_model, hp, k)
@@ -114,7 +111,7 @@ def run_compositional(method: str, pretrained: Path, data_dir: Path, seed: int, 
             np.savez_compressed(fh, logits=logits.astype(np.float32), labels=labels)
     metrics = {"protocol": "compositional", "method": method, "seed": int(seed), "shots": shots, "dataset": data.manifest.get("dataset"),
                "backbone": meta.get("backbone", ""), "seen_pairs": seen, "unseen_pairs": unseen,
-               "image_side_saw": saw, **acc, **val,
+               "image_side_saw": saw if saw is not None else "the web (real CLIP)", **acc, **val,
                "shots_digest": hashlib.sha256(subset.numpy().tobytes()).hexdigest(), "train_steps": steps,
                "test_samples": int(len(labels)), "train_seconds": train_seconds, "history": history,
                "hparams": hp, "fingerprint": fingerprint, "provenance": run_provenance()}

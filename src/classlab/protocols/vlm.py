@@ -74,6 +74,24 @@ def load_image_text(path: Path):
     return model, meta, sorted(int(c) for c in seen)
 
 
+def load_adaptable(pretrained, data, device: str | None = None):
+    """(model, meta, classes its image side saw, digest) of the model a vlm protocol adapts: the
+    pretrain stage's checkpoint (a path), or real CLIP named by a spec "open_clip:<model>:<tag>"
+    (``classlab.models.clip_weights``; what its image side saw is unknown: None)."""
+    from classlab.models.clip_weights import is_clip_spec, load_clip
+
+    k, manifest = data.num_classes, data.manifest
+    if is_clip_spec(str(pretrained)):
+        model = load_clip(str(pretrained), manifest["channel_mean"], manifest["channel_std"], device=pick_device(device))
+        meta = {"num_classes": k, "dataset": manifest.get("dataset"), "backbone": str(pretrained)}
+        return model, meta, None, hashlib.sha256(str(pretrained).encode()).hexdigest()
+    model, meta, seen = load_image_text(Path(pretrained))
+    if int(meta["num_classes"]) != k or meta.get("dataset") != manifest.get("dataset"):
+        raise ConfigError(f"pretrained: {pretrained} was trained on {meta.get('dataset')} ({meta['num_classes']} "
+                          f"classes), the data is {manifest.get('dataset')} ({k})")
+    return model, meta, seen, file_digest(Path(pretrained))
+
+
 def run_base_to_novel(method: str, pretrained: Path, data_dir: Path, seed: int, out_dir: Path, shots: int = 16,
                       overrides: dict | None = None, test_per_class: int = 0, threads: int | None = None,
                       device: str | None = None, progress: bool = False, image_side: str = "base") -> dict:
@@ -95,13 +113,13 @@ def run_base_to_novel(method: str, pretrained: Path, data_dir: Path, seed: int, 
     data = load_prepared(Path(data_dir))
     k = data.num_classes
     base, new = base_new_split(k)
-    pretrained_model, meta, seen = load_image_text(Path(pretrained))
-    if int(meta["num_classes"]) != k or meta.get("dataset") != data.manifest.get("dataset"):
-        raise ConfigError(f"pretrained: {pretrained} was trained on {meta.get('dataset')} ({meta['num_classes']} "
-                          f"classes), the data is {data.manifest.get('dataset')} ({k})")
     if image_side not in ("base", "all"):
         raise ConfigError(f"image_side: {image_side!r}; one of 'base' (the image side saw the base classes only) "
                           "or 'all' (it saw every class, as CLIP's pretraining did)")
+    pretrained_model, meta, seen, pretrained_digest = load_adaptable(pretrained, data, device)
+    if seen is None and image_side == "base":
+        raise ConfigError(f"image_side: 'base' needs a model whose image side saw the base classes only; {pretrained} "
+                          "is real CLIP, pretrained on the web: use image_side 'all'")
     if image_side == "base" and set(seen) & set(new):
         raise ConfigError(f"pretrained: {pretrained}'s image side saw new classes {sorted(set(seen) & set(new))}; "
                           f"base-to-novel needs a model trained on the base classes {base} only")
@@ -109,7 +127,7 @@ def run_base_to_novel(method: str, pretrained: Path, data_dir: Path, seed: int, 
     names = list(data.manifest.get("class_names") or [str(c) for c in range(k)])
     out_dir = Path(out_dir)
     fingerprint = make_fingerprint(protocol="base_to_novel", method=method, hparams=hp, seed=int(seed), shots=shots,
-                                   data=dataset_digest(data.manifest), pretrained=file_digest(Path(pretrained)))
+                                   data=dataset_digest(data.manifest), pretrained=pretrained_digest)
     dev = pick_device(device)
     seed_everything(int(seed))
     learner = cls(pretrained_model, hp, k)
@@ -148,7 +166,8 @@ def run_base_to_novel(method: str, pretrained: Path, data_dir: Path, seed: int, 
             np.savez_compressed(fh, logits=logits.astype(np.float32), labels=labels)
     metrics = {"method": method, "seed": int(seed), "shots": shots, "dataset": data.manifest.get("dataset"),
                "backbone": meta.get("backbone", ""),
-               "base_classes": base, "new_classes": new, "image_side_saw": seen, "image_side": image_side, **acc, **val,
+               "base_classes": base, "new_classes": new, "image_side": image_side,
+               "image_side_saw": seen if seen is not None else "the web (real CLIP)", **acc, **val,
                "shots_digest": hashlib.sha256(subset.numpy().tobytes()).hexdigest(), "train_steps": steps,
                "test_samples": int(len(labels)), "test_per_class": int(test_per_class),
                "train_seconds": train_seconds, "history": history, "hparams": hp, "fingerprint": fingerprint,

@@ -30,6 +30,11 @@ def _number(value) -> float:
     return float("nan") if value is None else float(value)
 
 
+def _saw(value) -> str:
+    """The classes the image side saw, as text; real CLIP's is a sentence."""
+    return value if isinstance(value, str) else " ".join(str(c) for c in value)
+
+
 def vlm_runs(metric_files: list[str | Path]) -> pd.DataFrame:
     """One row per run of any of the family's protocols; ``scenario`` names the protocol and its setting
     (base_to_novel/<shots>shot/saw_<side>, compositional/<shots>shot, label_noise/<kind><rate>)."""
@@ -52,7 +57,7 @@ def vlm_runs(metric_files: list[str | Path]) -> pd.DataFrame:
             row.update(scenario=f"base_to_novel/{int(m['shots'])}shot/saw_{m.get('image_side', 'base')}",
                        shots=int(m["shots"]), **{k: float(m[k]) for k in METRICS},
                        **{k: float(m[k]) for k in LABEL_METRIC if k in m},
-                       image_side_saw=" ".join(str(c) for c in m.get("image_side_saw", [])))
+                       image_side_saw=_saw(m.get("image_side_saw", [])))
         rows.append(row)
     runs = pd.DataFrame(rows)
     return runs.sort_values(["scenario", "method", "seed"]).reset_index(drop=True) if len(runs) else runs
@@ -73,9 +78,13 @@ def vlm_markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
     for (dataset, backbone, scenario), group in b2n.groupby(["dataset", "backbone", "scenario"]):
         saw = runs[(runs.dataset == dataset) & (runs.scenario == scenario)].image_side_saw.iloc[0]
         lines.append(f"### {dataset} ({backbone}), {scenario}: accuracy (%), mean ± std over seeds\n")
-        side = ("the base classes only: the new classes are new to the image side" if scenario.endswith("saw_base")
-                else "every class, as CLIP's web pretraining saw them: the new classes are new to the prompt learning only")
-        lines.append(f"The image side of the offline CLIP was trained on classes {saw}: {side}.\n")
+        if not saw[:1].isdigit():  # real CLIP
+            lines.append("The image side is real CLIP's, pretrained on the web: what it saw of these classes is unknown.\n")
+        else:
+            side = ("the base classes only: the new classes are new to the image side" if scenario.endswith("saw_base")
+                    else "every class, as CLIP's web pretraining saw them: the new classes are new to the prompt "
+                         "learning only")
+            lines.append(f"The image side of the offline CLIP was trained on classes {saw}: {side}.\n")
         lines.append("| method | base | new | H | seeds |")
         lines.append("|---|---|---|---|---|")
         for r in group.itertuples():

@@ -15,13 +15,14 @@ from torch import nn
 
 from classlab.methods.registry import register_method
 from classlab.methods.vlm.coop import CoOp
-from classlab.models.image_text import TEXT_DIM
+from classlab.models.image_text import text_tower
 
 
 def meta_net(dim: int, reduction: int) -> nn.Sequential:
-    """CoCoOp's meta-net h: Linear(E, E / reduction) - ReLU - Linear(., 384), one token per image."""
+    """CoCoOp's meta-net h: Linear(E, E / reduction) - ReLU - Linear(., D), one token per image (D the
+    text tower's token width: 384 for MiniLM, 512 for CLIP ViT-B)."""
     hidden = max(1, int(dim) // int(reduction))
-    return nn.Sequential(nn.Linear(int(dim), hidden), nn.ReLU(inplace=True), nn.Linear(hidden, TEXT_DIM))
+    return nn.Sequential(nn.Linear(int(dim), hidden), nn.ReLU(inplace=True), nn.Linear(hidden, text_tower().width))
 
 
 @register_method("vlm", "cocoop")

@@ -45,15 +45,15 @@ class ComCa(SupportCache):
         if not self.pairs or "pairs" not in self.pairs:
             raise ValueError("comca scores attributes and objects: it needs the dataset's pairs "
                              "(the compositional protocol sets method.pairs from the manifest)")
-        from classlab.models.text import encode_texts
+        from classlab.models.image_text import encode_sentences
 
         device = self.clip.logit_scale.device
         self.attributes, self.objects = list(self.pairs["attributes"]), list(self.pairs["objects"])
         self.register_buffer("pair_index", torch.as_tensor(self.pairs["pairs"], dtype=torch.long, device=device),
                              persistent=False)
-        self.register_buffer("attribute_sentences", encode_texts(
+        self.register_buffer("attribute_sentences", encode_sentences(
             [HAND_WRITTEN.format(f"{a} object") for a in self.attributes]).to(device), persistent=False)
-        self.register_buffer("object_sentences", encode_texts(
+        self.register_buffer("object_sentences", encode_sentences(
             [HAND_WRITTEN.format(o) for o in self.objects]).to(device), persistent=False)
 
     def soft_labels(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,7 @@ def mean_token_embedding(tower, words: list[str]) -> torch.Tensor:
     rows = []
     with torch.no_grad():
         for word in words:
-            ids = tower.tokenizer.convert_tokens_to_ids(tower.tokenizer.tokenize(word))
+            ids = tower.word_ids(word)
             if not ids:
                 raise ValueError(f"csp: {word!r} has no tokens")
             index = torch.tensor(ids, dtype=torch.long, device=tower.word_embeddings.weight.device)
@@ -58,7 +58,7 @@ class CSP(PromptMethod):
             raise ValueError(f"csp: pairs gives {tuple(index.shape)} (attribute, object) rows for {self.num_classes} classes")
         self.register_buffer("pair_index", index.to(device), persistent=False)
         prefix = str(self.hparams["prompt"]).strip()
-        n_prefix = len(tower.tokenizer.tokenize(prefix))
+        n_prefix = tower.count_tokens(prefix)
         ids, mask = tower.tokenize([f"{prefix} x x."])  # two one-token placeholders for theta_a, theta_o
         self.register_buffer("template_ids", ids, persistent=False)
         self.register_buffer("template_mask", mask, persistent=False)

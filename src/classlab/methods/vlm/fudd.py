@@ -46,8 +46,7 @@ import torch.nn.functional as F
 from classlab.methods.registry import register_method
 from classlab.methods.vlm.descriptions import Descriptions
 from classlab.methods.vlm_descriptions import differential_sentence
-from classlab.models.image_text import TEXT_DIM
-from classlab.models.text import encode_texts
+from classlab.models.image_text import encode_sentences, text_tower
 
 MARGIN = 1.0  # logits between the lowest ambiguous class and the highest other one
 
@@ -88,7 +87,7 @@ class FuDD(Descriptions):
         index = {name: i for i, name in enumerate(self.class_names)}
         pairs = sorted((index[a], index[b], tells) for (a, b), tells in self.descriptions["differential"].items())
         self.differential_texts = [differential_sentence(self.class_names[a], tells) for a, _, tells in pairs]
-        embeddings = encode_texts(self.differential_texts) if pairs else torch.zeros(0, TEXT_DIM)
+        embeddings = encode_sentences(self.differential_texts) if pairs else torch.zeros(0, text_tower().width)
         self.register_buffer("pair_sentences", embeddings.to(device), persistent=False)
         self.register_buffer("pair_index", torch.tensor([[a, b] for a, b, _ in pairs], dtype=torch.long,
                                                         device=device).view(-1, 2), persistent=False)

@@ -28,9 +28,9 @@ class Loki(CoOp):
     def build(self, class_names):
         super().build(class_names)
         from classlab.metrics.vlm import embedding_label_metric
-        from classlab.models.text import encode_texts
+        from classlab.models.image_text import encode_sentences
 
-        embeddings = encode_texts([HAND_WRITTEN.format(n) for n in self.class_names]).numpy()
+        embeddings = encode_sentences([HAND_WRITTEN.format(n) for n in self.class_names]).numpy()
         distances = torch.tensor(embedding_label_metric(embeddings), dtype=torch.float32)
         self.register_buffer("label_distances", distances.to(self.clip.logit_scale.device), persistent=False)
 

@@ -44,7 +44,7 @@ from torch import nn
 from classlab.methods.registry import register_method
 from classlab.methods.vlm.cocoop import meta_net
 from classlab.methods.vlm.coop import CoOp
-from classlab.models.image_text import TEXT_DIM, symmetric_contrastive_loss, text_tower
+from classlab.models.image_text import symmetric_contrastive_loss, text_tower
 
 
 @register_method("vlm", "tmm")
@@ -81,15 +81,15 @@ class TMM(CoOp):
         shift = self.class_aware_shift(classes, image)                    # (B, C, 384)
         base = self.prompt.token_embeddings(None, classes)               # (C, L, 384), learned context in
         b, c = shift.shape[:2]
-        n_ctx, length = self.prompt.n_ctx, base.shape[1]
-        on_ctx = shift.unsqueeze(2).expand(b, c, n_ctx, TEXT_DIM)
-        offset = torch.cat([shift.new_zeros(b, c, 1, TEXT_DIM), on_ctx,
-                            shift.new_zeros(b, c, length - 1 - n_ctx, TEXT_DIM)], dim=2)
+        n_ctx, length, width = self.prompt.n_ctx, base.shape[1], base.shape[2]
+        on_ctx = shift.unsqueeze(2).expand(b, c, n_ctx, width)
+        offset = torch.cat([shift.new_zeros(b, c, 1, width), on_ctx,
+                            shift.new_zeros(b, c, length - 1 - n_ctx, width)], dim=2)
         embeds = base.unsqueeze(0) + offset                               # v_m + pi(x, c) at the context positions
         rows = torch.as_tensor(classes, dtype=torch.long, device=self.prompt.attention_mask.device)
         mask = self.prompt.attention_mask[rows].unsqueeze(0).expand(b, -1, -1).reshape(b * c, length)
         tower = text_tower(self.prompt.token_ids.device)
-        sentences = tower.encode_embeds(embeds.reshape(b * c, length, TEXT_DIM), mask).view(b, c, TEXT_DIM)
+        sentences = tower.encode_embeds(embeds.reshape(b * c, length, width), mask).view(b, c, -1)
         return self.clip.encode_text(sentences)
 
     # --- TFT: text -> image -----------------------------------------------------------------
