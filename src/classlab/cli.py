@@ -248,7 +248,8 @@ def _aggregate_vlm(a):
     from classlab.report.vlm import vlm_claims, write_vlm_tables
 
     claims = load_claims(a.claims_dir)  # first: a malformed claims file fails before any table is written
-    runs = write_vlm_tables(a.metrics, Path(a.runs_csv), Path(a.summary_csv), Path(a.summary_md))
+    runs = write_vlm_tables(a.metrics, Path(a.runs_csv), Path(a.summary_csv), Path(a.summary_md),
+                            epoch_files=a.epoch_metrics or [])
     write_text(a.claims_csv, vlm_claims(runs, claims).to_csv(index=False))
 
 
@@ -661,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("aggregate-vlm", help="base / new / H tables and the vlm family's claims")
     p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--epoch-metrics", nargs="*", default=[], help="the long-training curve's runs (scenario .../<E>ep)")
     _add_table_outputs(p)
     p.set_defaults(func=_aggregate_vlm)
 

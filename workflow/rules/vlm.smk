@@ -173,6 +173,7 @@ rule plot_vlm_epochs:
 rule aggregate_vlm:
     input:
         metrics=vlm_all_metrics(),
+        epoch_metrics=vlm_epoch_metrics(),
         claims="config/claims/vlm.yaml",
     output:
         runs="results/tables/vlm/runs.csv",
@@ -185,5 +186,5 @@ rule aggregate_vlm:
     conda:
         ENV
     shell:
-        "classlab aggregate-vlm --metrics {input.metrics} --runs-csv {output.runs} --summary-csv {output.summary} "
+        "classlab aggregate-vlm --metrics {input.metrics} --epoch-metrics {input.epoch_metrics} --runs-csv {output.runs} --summary-csv {output.summary} "
         "--summary-md {output.markdown} --claims-csv {output.claims} > {log} 2>&1"

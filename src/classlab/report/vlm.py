@@ -35,11 +35,13 @@ def _saw(value) -> str:
     return value if isinstance(value, str) else " ".join(str(c) for c in value)
 
 
-def vlm_runs(metric_files: list[str | Path]) -> pd.DataFrame:
+def vlm_runs(metric_files: list[str | Path], epoch_files: list[str | Path] = ()) -> pd.DataFrame:
     """One row per run of any of the family's protocols; ``scenario`` names the protocol and its setting
-    (base_to_novel/<shots>shot/saw_<side>, compositional/<shots>shot, label_noise/<kind><rate>)."""
+    (base_to_novel/<shots>shot/saw_<side>, compositional/<shots>shot, label_noise/<kind><rate>). The
+    long-training curve's runs (``epoch_files``) are base-to-novel runs whose scenario ends in
+    /<epochs>ep, so that a claim can compare methods at one budget of the curve."""
     rows = []
-    for path in metric_files:
+    for path, curve in [(p, False) for p in metric_files] + [(p, True) for p in epoch_files]:
         m = read_json(path)
         protocol = _protocol(m)
         row = {"family": "vlm", "dataset": m.get("dataset", ""), "backbone": m.get("backbone", ""),
@@ -54,7 +56,8 @@ def vlm_runs(metric_files: list[str | Path]) -> pd.DataFrame:
             row.update(scenario=f"label_noise/{m['noise_kind']}{float(m['noise_rate']):g}",
                        noise_rate=float(m["noise_rate"]), **{k: _number(m.get(k)) for k in NOISE_METRICS})
         else:
-            row.update(scenario=f"base_to_novel/{int(m['shots'])}shot/saw_{m.get('image_side', 'base')}",
+            scenario = f"base_to_novel/{int(m['shots'])}shot/saw_{m.get('image_side', 'base')}"
+            row.update(scenario=scenario + (f"/{int(m['hparams']['epochs'])}ep" if curve else ""),
                        shots=int(m["shots"]), **{k: float(m[k]) for k in METRICS},
                        **{k: float(m[k]) for k in LABEL_METRIC if k in m},
                        image_side_saw=_saw(m.get("image_side_saw", [])))
@@ -132,8 +135,9 @@ def _cell(r, key: str, scale: float = 100.0, digits: int = 1) -> str:
     return f"{scale * mean:.{digits}f} ± {scale * (std if std == std else 0.0):.{digits}f}"
 
 
-def write_vlm_tables(metric_files, runs_csv: Path, summary_csv: Path, summary_md: Path) -> pd.DataFrame:
-    runs = vlm_runs(metric_files)
+def write_vlm_tables(metric_files, runs_csv: Path, summary_csv: Path, summary_md: Path,
+                     epoch_files=()) -> pd.DataFrame:
+    runs = vlm_runs(metric_files, epoch_files)
     summary = vlm_summary(runs) if len(runs) else pd.DataFrame()
     write_table_set(runs, summary, "# vlm\n\n" + (vlm_markdown(summary, runs) if len(summary) else "no runs\n"), runs_csv,
                     summary_csv, summary_md)
