@@ -236,6 +236,18 @@ def _label_noise(a):
                     progress=not a.no_progress, samples_per_class=a.samples_per_class)
 
 
+def _add_adaptation_options(p, pretrained_help: str, data_help: str, shots_help: str) -> None:
+    """The options of a vlm protocol that adapts a pretrained image-text model on few shots."""
+    p.add_argument("--method", required=True, help="a method of config/methods/vlm/")
+    p.add_argument("--pretrained", required=True, help=pretrained_help)
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--shots", type=int, default=16, help=shots_help)
+    p.add_argument("--overrides", default="{}")
+    p.add_argument("--out-dir", required=True)
+    _add_execution_options(p)
+
+
 def _plot_vlm_epochs(a):
     from classlab.report.vlm import write_epoch_curve
 
@@ -616,28 +628,17 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_aggregate_condense)
 
     p = sub.add_parser("base-to-novel", help="adapt the offline image-text model on few-shot base classes; base / new / H")
-    p.add_argument("--method", required=True, help="a method of config/methods/vlm/")
-    p.add_argument("--pretrained", required=True, help="the pretrain stage's image_text model.pt")
-    p.add_argument("--data", required=True, help="prepared dataset directory")
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--shots", type=int, default=16, help="training images per base class (drawn per seed)")
+    _add_adaptation_options(p, "the pretrain stage's image_text model.pt, or real CLIP as open_clip:<model>:<tag>",
+                            "prepared dataset directory", "training images per base class (drawn per seed)")
     p.add_argument("--test-per-class", type=int, default=0, help="a seeded subset of the test split (0: all)")
     p.add_argument("--image-side", default="base", choices=["base", "all"],
                    help="what the pretrained model's image side may have seen (base: a model that saw a new class is refused)")
-    p.add_argument("--overrides", default="{}")
-    p.add_argument("--out-dir", required=True)
-    _add_execution_options(p)
     p.set_defaults(func=_base_to_novel)
 
     p = sub.add_parser("compositional", help="compositional zero-shot on a pairs dataset: seen / unseen / H, AUC")
-    p.add_argument("--method", required=True, help="a method of config/methods/vlm/")
-    p.add_argument("--pretrained", required=True, help="the pretrain stage's image_text model.pt of the seen pairs")
-    p.add_argument("--data", required=True, help="prepared pairs dataset directory (fashion_mnist_pairs, digits_pairs)")
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--shots", type=int, default=16, help="training images per seen pair (drawn per seed)")
-    p.add_argument("--overrides", default="{}")
-    p.add_argument("--out-dir", required=True)
-    _add_execution_options(p)
+    _add_adaptation_options(p, "the pretrain stage's image_text model.pt of the seen pairs, or real CLIP",
+                            "prepared pairs dataset directory (fashion_mnist_pairs, digits_pairs)",
+                            "training images per seen pair (drawn per seed)")
     p.set_defaults(func=_compositional)
 
     p = sub.add_parser("label-noise", help="train on labels with injected noise (CAPro's protocol); test accuracy")

@@ -22,21 +22,19 @@ model that is not an image-text model, was trained on other data, or whose image
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
 import numpy as np
 
 from classlab.config import ConfigError, resolve_checked_hparams
-from classlab.engine import Trainer, TrainConfig, predict_logits
+from classlab.engine import predict_logits
 from classlab.engine.device import pick_device, seed_everything, set_threads
-from classlab.engine.fingerprint import dataset_digest, file_digest, make_fingerprint
-from classlab.engine.predict import predict_outputs
+from classlab.engine.fingerprint import dataset_digest, make_fingerprint
 from classlab.io import atomic_path, write_json
 from classlab.methods.registry import get_method
 from classlab.metrics.compositional import compositional_scores
 from classlab.metrics.vlm import subset_accuracy
-from classlab.protocols.vlm import few_shot_indices, load_adaptable
+from classlab.protocols.vlm import adapt_on_shots, few_shot_indices, load_adaptable
 from classlab.provenance import run_provenance
 
 FAMILY = "vlm"
@@ -78,19 +76,8 @@ def run_compositional(method: str, pretrained: Path, data_dir: Path, seed: int, 
     learner.pairs = pairs
     learner.build(names)
     mean, std = data.manifest["channel_mean"], data.manifest["channel_std"]
-    t0 = time.perf_counter()
-    history, steps = [], 0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if learner.learns and int(hp.get("epochs", 0)) > 0:
-        trainer = Trainer(learner, TrainConfig.from_hparams(hp), dev, int(seed), out_dir / "last.pt", progress,
-                          fingerprint=fingerprint)
-        history = trainer.fit(trainer.make_loader(data.train.x, data.train.y, mean, std, indices=subset))
-        steps = int(trainer.steps_done)
-    if getattr(learner, "needs_support", False):  # a training-free cache: the shots' features, labels
-        features = predict_outputs(learner.encode_image, data.train.x[subset], mean, std, dev, module=learner)["logits"]
-        learner.to(dev).fit_support(features.to(dev), data.train.y[subset].to(dev))
-    train_seconds = time.perf_counter() - t0
-    learner.to(dev).eval()
+    history, steps, train_seconds = adapt_on_shots(learner, hp, data, subset, int(seed), out_dir, dev, fingerprint,
+                                                   progress)
     scores = {}
     for split in ("val", "test"):  # val (seen pairs only) for every choice; test only for reporting
         part = getattr(data, split)

@@ -92,6 +92,31 @@ def load_adaptable(pretrained, data, device: str | None = None):
     return model, meta, seen, file_digest(Path(pretrained))
 
 
+def adapt_on_shots(learner, hp: dict, data, subset: torch.Tensor, seed: int, out_dir: Path, dev, fingerprint: str,
+                   progress: bool = False) -> tuple[list, int, float]:
+    """Adapt ``learner`` on the training images at ``subset`` (the shots), the same way in every vlm
+    protocol: trained by the engine where the method learns (its checkpoint ``out_dir/last.pt``
+    resumes a killed run), or given the shots' image features where it is a training-free cache
+    (``needs_support``: ``fit_support(features, labels)``). Returns (history, steps, seconds); the
+    learner ends on ``dev`` in eval mode."""
+    from classlab.engine.predict import predict_outputs
+
+    mean, std = data.manifest["channel_mean"], data.manifest["channel_std"]
+    t0 = time.perf_counter()
+    history, steps = [], 0
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if learner.learns and int(hp.get("epochs", 0)) > 0:
+        trainer = Trainer(learner, TrainConfig.from_hparams(hp), dev, int(seed), Path(out_dir) / "last.pt", progress,
+                          fingerprint=fingerprint)
+        history = trainer.fit(trainer.make_loader(data.train.x, data.train.y, mean, std, indices=subset))
+        steps = int(trainer.steps_done)
+    if getattr(learner, "needs_support", False):  # a training-free cache: the shots' features and labels
+        features = predict_outputs(learner.encode_image, data.train.x[subset], mean, std, dev, module=learner)["logits"]
+        learner.to(dev).fit_support(features.to(dev), data.train.y[subset].to(dev))
+    learner.to(dev).eval()
+    return history, steps, time.perf_counter() - t0
+
+
 def run_base_to_novel(method: str, pretrained: Path, data_dir: Path, seed: int, out_dir: Path, shots: int = 16,
                       overrides: dict | None = None, test_per_class: int = 0, threads: int | None = None,
                       device: str | None = None, progress: bool = False, image_side: str = "base") -> dict:
@@ -134,16 +159,8 @@ def run_base_to_novel(method: str, pretrained: Path, data_dir: Path, seed: int, 
     learner.train_classes = list(base)
     learner.build(names)
     mean, std = data.manifest["channel_mean"], data.manifest["channel_std"]
-    t0 = time.perf_counter()
-    history, steps = [], 0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if learner.learns and int(hp.get("epochs", 0)) > 0:
-        trainer = Trainer(learner, TrainConfig.from_hparams(hp), dev, int(seed), out_dir / "last.pt", progress,
-                          fingerprint=fingerprint)
-        history = trainer.fit(trainer.make_loader(data.train.x, data.train.y, mean, std, indices=subset))
-        steps = int(trainer.steps_done)
-    train_seconds = time.perf_counter() - t0
-    learner.to(dev).eval()
+    history, steps, train_seconds = adapt_on_shots(learner, hp, data, subset, int(seed), out_dir, dev, fingerprint,
+                                                   progress)
     label_distances = class_label_metric(names)
     scores = {}
     for split in ("val", "test"):  # val for every choice (learning rates, epochs); test only for reporting
