@@ -34,6 +34,13 @@ def test_smoke_run_produces_tables_figures_claims(smoke_run):
     assert len(list((smoke_run / "results/checkpoints/pretrain").rglob("model.pt"))) == 4
     # one teacher per seed, shared by the students that use one
     assert len(list((smoke_run / "results/checkpoints/teacher").rglob("model.pt"))) == 2
+    # the vlm family's three protocols land in one table: base-to-novel on the CLIP of digits' base
+    # classes, compositional zero-shot on digits_pairs (its own CLIP of the seen pairs), label noise
+    vlm = pd.read_csv(smoke_run / "results/tables/vlm/runs.csv")
+    assert set(vlm.scenario) == {"base_to_novel/4shot/saw_base", "compositional/2shot", "label_noise/web0.4"}
+    assert set(vlm.method) == {"zeroshot", "coop", "csp", "capro"} and (vlm.groupby("method").seed.count() == 2).all()
+    assert {p.parent.parent.name for p in (smoke_run / "results/checkpoints/vlm_pretrain").rglob("model.pt")} == \
+        {"saw_base", "saw_seen"}
 
 
 def test_rerun_is_a_noop(smoke_run):

@@ -19,8 +19,9 @@ import numpy as np
 
 def base_new_split(num_classes: int) -> tuple[list[int], list[int]]:
     """Base = the first half of the sorted labels (rounded down), new = the rest."""
-    if int(num_classes) < 2:
-        raise ValueError(f"base-to-novel needs at least 2 classes, got {num_classes}")
+    if int(num_classes) < 2:  # one class: the new side would be empty (none: both)
+        raise ValueError(f"base/new split: {num_classes} class(es) leave the new side empty; base-to-novel needs "
+                         "at least 2 classes (base: the first half of the sorted labels, new: the rest)")
     half = int(num_classes) // 2
     return list(range(half)), list(range(half, int(num_classes)))
 
