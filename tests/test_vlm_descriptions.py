@@ -237,3 +237,33 @@ def test_a_text_model_path_that_does_not_load_is_named_with_the_install_hint(tmp
         monkeypatch.delenv(text.TEXT_MODEL_ENV)
         text._load.cache_clear()
     assert text.encode_texts(["a never cached prompt about a sandal"]).shape == (1, 384)
+
+
+def test_descriptions_regenerated_by_a_language_model_are_checked_before_they_are_kept(tmp_path):
+    """The rule generate_descriptions' code path with a scripted model in place of transformers'."""
+    from classlab.data.describe import generate_descriptions, write_descriptions
+    from classlab.data.registry import get_dataset
+
+    names = list(get_dataset("digits").class_names)
+    prompts = []
+
+    def scripted(prompt, n):
+        prompts.append(prompt)
+        return [f' "a thin stroke number {len(prompts)}-{i}".\nmore text' for i in range(n)] + ["", "   "]
+
+    spec = generate_descriptions("digits", names, scripted, per_class=2, pairs=[(names[3], names[8])])
+    assert all(len(v) == 2 for v in spec["generic"].values())
+    assert spec["generic"][names[0]][0] == "a thin stroke number 1-0"  # first line, quotes and full stop gone
+    assert spec["differential"] == [{"first": names[3], "second": names[8], "tells": "a thin stroke number 11-0"}]
+    out = write_descriptions(spec, names, tmp_path / "digits.yaml", source="scripted")
+    from classlab.data.descriptions import load_descriptions
+
+    assert load_descriptions("digits", names, out)["generic"] == spec["generic"]
+    # a class the model leaves empty fails naming it, and a bad file never replaces a kept one
+    with pytest.raises(ConfigError, match=f"no usable description of class {names[0]!r}"):
+        generate_descriptions("digits", names, lambda prompt, n: ["", "..."], pairs=[])
+    spec["generic"].pop(names[5])
+    with pytest.raises(ConfigError, match=f"class {names[5]!r}"):
+        write_descriptions(spec, names, out, source="scripted")
+    assert load_descriptions("digits", names, out)["generic"][names[5]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.yaml"]

@@ -248,6 +248,15 @@ def _add_adaptation_options(p, pretrained_help: str, data_help: str, shots_help:
     _add_execution_options(p)
 
 
+def _describe_classes(a):
+    from classlab.data.describe import generate_descriptions, language_model_generator, write_descriptions
+    from classlab.data.registry import get_dataset
+
+    names = list(get_dataset(a.dataset).class_names)
+    spec = generate_descriptions(a.dataset, names, language_model_generator(a.model, seed=a.seed), per_class=a.per_class)
+    write_descriptions(spec, names, Path(a.out), source=a.model)
+
+
 def _plot_vlm_epochs(a):
     from classlab.report.vlm import write_epoch_curve
 
@@ -654,6 +663,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", required=True)
     _add_execution_options(p)
     p.set_defaults(func=_label_noise)
+
+    p = sub.add_parser("describe-classes", help="regenerate a dataset's class descriptions with a language model "
+                                               "(needs internet for the model on first use)")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--model", required=True, help="a transformers causal language model, e.g. Qwen/Qwen2.5-0.5B-Instruct")
+    p.add_argument("--per-class", type=int, default=3, help="generic descriptions per class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="the YAML to write (config/descriptions/<dataset>.yaml's form)")
+    p.set_defaults(func=_describe_classes)
 
     p = sub.add_parser("plot-vlm-epochs", help="base / new / H against training epochs (OGEN's long-training case)")
     p.add_argument("--metrics", nargs="+", required=True)

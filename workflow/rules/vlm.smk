@@ -188,3 +188,19 @@ rule aggregate_vlm:
     shell:
         "classlab aggregate-vlm --metrics {input.metrics} --epoch-metrics {input.epoch_metrics} --runs-csv {output.runs} --summary-csv {output.summary} "
         "--summary-md {output.markdown} --claims-csv {output.claims} > {log} 2>&1"
+
+
+# Not in any default target: regenerates a dataset's class descriptions with a language model (needs
+# internet for the model the first time); read the result before copying it over config/descriptions/.
+rule generate_descriptions:
+    output:
+        "results/descriptions/{dataset}.yaml",
+    params:
+        model=VLM.get("description_model", "Qwen/Qwen2.5-0.5B-Instruct"),
+    log:
+        "logs/generate_descriptions/{dataset}.log",
+    conda:
+        ENV
+    shell:
+        "classlab describe-classes --dataset {wildcards.dataset} --model {params.model} "
+        "--out results/descriptions/{wildcards.dataset}.yaml > {log} 2>&1"
