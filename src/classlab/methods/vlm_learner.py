@@ -37,6 +37,7 @@ class PromptMethod(Method):
     family = "vlm"
     learns: bool = True  # False: nothing is trained (zero-shot, training-free caches)
     predicts_unobserved: bool = True  # False: scores only the training classes (new accuracy undefined)
+    pairs: dict | None = None  # a pairs dataset's manifest section, set by the compositional protocol
 
     def __init__(self, model, hparams: dict, num_classes: int):
         super().__init__(model, hparams, num_classes)
@@ -60,6 +61,20 @@ class PromptMethod(Method):
     def text_features(self, classes: list[int], image: torch.Tensor) -> torch.Tensor:
         """The hand-written prompts' features (zero-shot CLIP); methods override."""
         return self.clip.encode_text(self.hand_written[classes])
+
+    def use_pairs(self) -> torch.Tensor:
+        """For a method that scores attributes and objects (CSP, ComCa): sets ``attributes`` and
+        ``objects`` from ``self.pairs`` and returns ``pair_index`` (K, 2), each class's (attribute,
+        object), registered as a buffer. No pairs (a dataset that is not a pairs dataset) is an error."""
+        if not self.pairs or "pairs" not in self.pairs:
+            raise ValueError(f"{type(self).__name__} scores attributes and objects: it needs a pairs dataset "
+                             "(the compositional protocol sets method.pairs from the manifest)")
+        self.attributes, self.objects = list(self.pairs["attributes"]), list(self.pairs["objects"])
+        index = torch.as_tensor(self.pairs["pairs"], dtype=torch.long)
+        if index.shape != (self.num_classes, 2):
+            raise ValueError(f"pairs gives {tuple(index.shape)} (attribute, object) rows for {self.num_classes} classes")
+        self.register_buffer("pair_index", index.to(self.clip.logit_scale.device), persistent=False)
+        return self.pair_index
 
     def extra_loss(self, logits: torch.Tensor, targets: torch.Tensor, image: torch.Tensor,
                    text: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -181,7 +181,8 @@ def run_base_to_novel(method: str, pretrained: Path, data_dir: Path, seed: int, 
     with atomic_path(out_dir / "predictions.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, logits=logits.astype(np.float32), labels=labels)
-    metrics = {"method": method, "seed": int(seed), "shots": shots, "dataset": data.manifest.get("dataset"),
+    metrics = {"protocol": "base_to_novel", "method": method, "seed": int(seed), "shots": shots,
+               "dataset": data.manifest.get("dataset"),
                "backbone": meta.get("backbone", ""),
                "base_classes": base, "new_classes": new, "image_side": image_side,
                "image_side_saw": seen if seen is not None else "the web (real CLIP)", **acc, **val,

@@ -38,19 +38,12 @@ from classlab.methods.vlm_learner import HAND_WRITTEN
 
 @register_method("vlm", "comca")
 class ComCa(SupportCache):
-    pairs: dict | None = None  # the manifest's ``pairs`` section, set by the compositional protocol
-
     def build(self, class_names):
         super().build(class_names)
-        if not self.pairs or "pairs" not in self.pairs:
-            raise ValueError("comca scores attributes and objects: it needs the dataset's pairs "
-                             "(the compositional protocol sets method.pairs from the manifest)")
         from classlab.models.image_text import encode_sentences
 
         device = self.clip.logit_scale.device
-        self.attributes, self.objects = list(self.pairs["attributes"]), list(self.pairs["objects"])
-        self.register_buffer("pair_index", torch.as_tensor(self.pairs["pairs"], dtype=torch.long, device=device),
-                             persistent=False)
+        self.use_pairs()  # attributes, objects, pair_index
         self.register_buffer("attribute_sentences", encode_sentences(
             [HAND_WRITTEN.format(f"{a} object") for a in self.attributes]).to(device), persistent=False)
         self.register_buffer("object_sentences", encode_sentences(

@@ -43,20 +43,10 @@ def mean_token_embedding(tower, words: list[str]) -> torch.Tensor:
 
 @register_method("vlm", "csp")
 class CSP(PromptMethod):
-    pairs: dict | None = None  # the manifest's ``pairs`` section, set by the compositional protocol
-
     def build(self, class_names):
         super().build(class_names)
-        if not self.pairs or "pairs" not in self.pairs:
-            raise ValueError("csp composes attribute and object tokens: it needs the dataset's pairs "
-                             "(the compositional protocol sets method.pairs from the manifest)")
-        device = self.clip.logit_scale.device
-        tower = text_tower(device)
-        self.attributes, self.objects = list(self.pairs["attributes"]), list(self.pairs["objects"])
-        index = torch.as_tensor(self.pairs["pairs"], dtype=torch.long)
-        if index.shape != (self.num_classes, 2):
-            raise ValueError(f"csp: pairs gives {tuple(index.shape)} (attribute, object) rows for {self.num_classes} classes")
-        self.register_buffer("pair_index", index.to(device), persistent=False)
+        self.use_pairs()  # attributes, objects, pair_index
+        tower = text_tower(self.clip.logit_scale.device)
         prefix = str(self.hparams["prompt"]).strip()
         n_prefix = tower.count_tokens(prefix)
         ids, mask = tower.tokenize([f"{prefix} x x."])  # two one-token placeholders for theta_a, theta_o
