@@ -23,6 +23,8 @@ include: "workflow/rules/explain.smk"
 include: "workflow/rules/shift.smk"
 include: "workflow/rules/condense.smk"
 include: "workflow/rules/vlm.smk"
+include: "workflow/rules/metric.smk"
+include: "workflow/rules/single_paper.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -52,6 +54,10 @@ localrules:
     aggregate_shift,
     aggregate_condense,
     aggregate_vlm,
+    aggregate_metric,
+    plot_retrieval,
+    aggregate_single_paper,
+    plot_single_paper,
 
 
 rule all:

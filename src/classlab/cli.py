@@ -274,6 +274,62 @@ def _aggregate_vlm(a):
     write_text(a.claims_csv, vlm_claims(runs, claims).to_csv(index=False))
 
 
+def _single_paper(a):
+    from classlab.protocols.single_paper import run_single_paper
+
+    run_single_paper(a.method, Path(a.data) if a.data else None, a.seed, Path(a.out_dir),
+                     overrides=json.loads(a.overrides), threads=a.threads, device=a.device,
+                     progress=not a.no_progress)
+
+
+def _aggregate_single_paper(a):
+    from classlab.io import write_text
+    from classlab.report.claims import load_claims
+    from classlab.report.single_paper import single_paper_claims, write_single_paper_tables
+
+    claims = load_claims(a.claims_dir)  # first: a malformed claims file fails before any table is written
+    runs = write_single_paper_tables(a.metrics, Path(a.runs_csv), Path(a.summary_csv), Path(a.summary_md))
+    write_text(a.claims_csv, single_paper_claims(runs, claims).to_csv(index=False))
+
+
+def _plot_single_paper(a):
+    from classlab.report.single_paper import plot_single_paper
+
+    plot_single_paper(a.metrics, Path(a.figure_dir))
+
+
+def _metric_retrieval(a):
+    from classlab.protocols.metric import run_metric
+
+    run_metric(a.method, Path(a.data), a.seed, Path(a.out_dir), overrides=json.loads(a.overrides),
+               backbone=a.backbone, backbone_kwargs=json.loads(a.backbone_kwargs), select=a.select,
+               threads=a.threads, device=a.device, progress=not a.no_progress)
+
+
+def _metric_scenes(a):
+    from classlab.protocols.metric_scenes import run_metric_scenes
+
+    run_metric_scenes(a.method, Path(a.data), a.seed, Path(a.out_dir), overrides=json.loads(a.overrides),
+                      backbone=a.backbone, backbone_kwargs=json.loads(a.backbone_kwargs), threads=a.threads,
+                      device=a.device, progress=not a.no_progress)
+
+
+def _aggregate_metric(a):
+    from classlab.io import write_text
+    from classlab.report.claims import load_claims
+    from classlab.report.metric import metric_claims, write_metric_tables
+
+    claims = load_claims(a.claims_dir)
+    runs = write_metric_tables(a.metrics, Path(a.runs_csv), Path(a.summary_csv), Path(a.summary_md))
+    write_text(a.claims_csv, metric_claims(runs, claims).to_csv(index=False))
+
+
+def _plot_retrieval(a):
+    from classlab.report.metric import plot_retrieval_examples
+
+    plot_retrieval_examples(a.metrics, Path(a.figure))
+
+
 def _source_statistics(a):
     from classlab.protocols.shift import compute_source_statistics_file
 
@@ -477,7 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recipe", default=None,
                    help="scene datasets: JSON scene recipe over the dataset's defaults (seed, grid, n_distractors, "
-                        "target_classes, distractor_classes, n_train, n_test)")
+                        "target_classes, distractor_classes, n_train, n_test); long-tailed dense scenes "
+                        "(fashion_mnist_lt_scenes): seed, colors, objects, profile, imbalance_ratio, eval_profile, "
+                        "grid, k_min, k_max, n_train, n_val, n_test, mask_threshold, rare_max, common_max")
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("train", help="train one method (resumes from out-dir/last.pt)")
@@ -684,6 +742,60 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epoch-metrics", nargs="*", default=[], help="the long-training curve's runs (scenario .../<E>ep)")
     _add_table_outputs(p)
     p.set_defaults(func=_aggregate_vlm)
+
+    p = sub.add_parser("single-paper", help="a single_paper method on its own protocol (icl_gd, mil, aspl, ...)")
+    p.add_argument("--method", required=True, help="a method of config/methods/single_paper/")
+    p.add_argument("--data", default=None, help="prepared dataset directory (the image protocols: mil, aspl)")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--overrides", default="{}", help="hyperparameter overrides (the method's YAML owns its model)")
+    p.add_argument("--out-dir", required=True)
+    _add_execution_options(p)
+    p.set_defaults(func=_single_paper)
+
+    p = sub.add_parser("aggregate-single-paper", help="tables and claims of the single_paper protocols")
+    p.add_argument("--metrics", nargs="+", required=True)
+    _add_table_outputs(p)
+    p.set_defaults(func=_aggregate_single_paper)
+
+    p = sub.add_parser("plot-single-paper", help="the ICL loss curves against GD and ASPL's accuracy against labels")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--figure-dir", required=True)
+    p.set_defaults(func=_plot_single_paper)
+
+    p = sub.add_parser("metric-retrieval", help="deep metric learning: train on half the classes, retrieve the rest")
+    p.add_argument("--method", required=True, help="a method of config/methods/metric/")
+    p.add_argument("--data", required=True, help="prepared dataset directory")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--backbone", default="convnet")
+    p.add_argument("--backbone-kwargs", default="{}")
+    p.add_argument("--overrides", default="{}")
+    p.add_argument("--select", action="store_true",
+                   help="hold out the last val_classes training classes and score on them (choosing options)")
+    p.add_argument("--out-dir", required=True)
+    _add_execution_options(p)
+    p.set_defaults(func=_metric_retrieval)
+
+    p = sub.add_parser("metric-scenes", help="scene retrieval (CFCD): the query object among distractors, mAP")
+    p.add_argument("--method", required=True, help="a method of config/methods/metric/ (cfcd, cfcd_global)")
+    p.add_argument("--data", required=True, help="prepared scenes dataset directory")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--backbone", default="convnet")
+    p.add_argument("--backbone-kwargs", default="{}")
+    p.add_argument("--overrides", default="{}")
+    p.add_argument("--out-dir", required=True)
+    _add_execution_options(p)
+    p.set_defaults(func=_metric_scenes)
+
+    p = sub.add_parser("aggregate-metric", help="Recall@K / NMI / MAP@R and mAP tables and the metric family's claims")
+    p.add_argument("--metrics", nargs="+", required=True)
+    _add_table_outputs(p)
+    p.set_defaults(func=_aggregate_metric)
+
+    p = sub.add_parser("plot-retrieval", help="retrieval examples: queries and their nearest neighbours")
+    p.add_argument("--metrics", nargs="+", required=True,
+                   help="the runs' metrics.json (embeddings.npz or retrieval_examples.npz beside each)")
+    p.add_argument("--figure", required=True)
+    p.set_defaults(func=_plot_retrieval)
 
     p = sub.add_parser("source-statistics", help="class-conditional feature statistics of a source model on its train split")
     p.add_argument("--checkpoint", required=True, help="the source model.pt")

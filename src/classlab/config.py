@@ -43,7 +43,10 @@ SCENARIO_KINDS = ("class_incremental", "few_shot", "si_blurry", "multilabel", "c
 DISCOVERY_KINDS = ("gcd", "ncd", "continual", "active", "latent_shift")
 # the shift family's protocols (classlab.protocols.shift): DomainBed's leave-one-domain-out and online TTA
 SHIFT_KINDS = ("domain_generalization", "test_time")
-PROTOCOL_KINDS = {"incremental": SCENARIO_KINDS, "discovery": DISCOVERY_KINDS, "shift": SHIFT_KINDS}
+# the single_paper family: each method's own protocol (classlab.protocols.single_paper.PROTOCOLS)
+SINGLE_PAPER_KINDS = ("icl_regression", "mil_bags", "active")
+PROTOCOL_KINDS = {"incremental": SCENARIO_KINDS, "discovery": DISCOVERY_KINDS, "shift": SHIFT_KINDS,
+                  "single_paper": SINGLE_PAPER_KINDS}
 # the distributions of a method's random hyperparameter search (`search:` in its YAML, DomainBed's sweep)
 SEARCH_DISTRIBUTIONS = ("log10_uniform", "uniform", "choice", "int_log2_uniform", "int_uniform")
 
@@ -430,11 +433,22 @@ def validate_config(config: dict) -> dict:
         if family == "vlm":  # the vlm family's other protocols name their own methods
             run += [m for part in ("compositional", "label_noise", "epoch_curve")
                     for m in (spec.get(part) or {}).get("methods", [])]
+        if family == "metric":  # scene retrieval names its own methods (cfcd, cfcd_global)
+            scene_methods = (spec.get("scenes") or {}).get("methods", [])
+            for i, method in enumerate(scene_methods):
+                if method not in known:
+                    problems.append(f"config key families.metric.scenes.methods[{i}]: {method!r} is not a method of "
+                                    f"family 'metric'; allowed values: {known}")
+                elif method not in spec["methods"]:
+                    problems += _check_method(family, method, spec["overrides"].get(method),
+                                              f"families.metric.overrides.{method}")
+            run += scene_methods
         for method, overrides in spec["overrides"].items():
             if method not in run:
                 problems.append(f"config key families.{family}.overrides.{method}: {method!r} is not in "
                                 f"families.{family}.methods {spec['methods']}"
-                                + (" nor in the compositional, label_noise or epoch_curve methods" if family == "vlm" else ""))
+                                + (" nor in the compositional, label_noise or epoch_curve methods" if family == "vlm" else "")
+                                + (" nor in families.metric.scenes.methods" if family == "metric" else ""))
         for method in spec["methods"]:
             if method in known:
                 problems += _check_method(family, method, spec["overrides"].get(method),

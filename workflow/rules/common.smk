@@ -38,12 +38,18 @@ ALL_DATASETS = sorted(
     | set(EXPLAIN.get("datasets", []))
     | set((FAMILIES.get("vlm", {}).get("compositional") or {}).get("datasets", []))
     | set((FAMILIES.get("vlm", {}).get("label_noise") or {}).get("datasets", []))
+    | set(((FAMILIES.get("metric", {}).get("scenes") or {}).get("datasets", [])))
+    | ({FAMILIES["single_paper"].get("dataset", "fashion_mnist")} if "single_paper" in FAMILIES else set())
 )
+
+
+# families that name their own seeds (the cheap protocols run more of them)
+ALL_SEEDS = sorted(set(SEEDS) | {str(s) for spec in FAMILIES.values() for s in spec.get("seeds", [])}, key=int)
 
 
 wildcard_constraints:
     dataset=_alternatives(ALL_DATASETS),
-    seed=_alternatives(SEEDS),
+    seed=_alternatives(ALL_SEEDS),
     backbone=_alternatives(["convnet", "resnet18", "vit_tiny", "deep_mlp", "convnet_dc"]),
     pretrain=_alternatives([PRETRAIN] + list(config["pretrain"]["others"])),
 
@@ -76,10 +82,11 @@ def mirror_option(wildcards):
 
 
 def scene_base(dataset):
-    """The registry dataset a scene or pairs dataset is built from (None for any other dataset)."""
-    from classlab.data.registry import PAIRS_BASES, SCENE_BASES
+    """The registry dataset a scene, pairs or dense (long-tailed scenes) dataset is built from (None for
+    any other dataset)."""
+    from classlab.data.registry import DENSE_BASES, PAIRS_BASES, SCENE_BASES
 
-    return SCENE_BASES.get(dataset) or PAIRS_BASES.get(dataset)
+    return SCENE_BASES.get(dataset) or PAIRS_BASES.get(dataset) or DENSE_BASES.get(dataset)
 
 
 def scene_recipe_option(wildcards):
@@ -117,6 +124,12 @@ def all_targets():
         targets += ["results/tables/vlm/summary.md", "results/tables/vlm/summary.csv"]
         if VLM.get("epoch_curve"):
             targets += ["results/figures/vlm/accuracy_vs_epochs.png"]
+    if "metric" in FAMILIES:
+        targets += ["results/tables/metric/summary.md", "results/tables/metric/summary.csv"]
+        targets += metric_figure_targets()
+    if "single_paper" in FAMILIES:
+        targets += ["results/tables/single_paper/summary.md", "results/tables/single_paper/summary.csv"]
+        targets += single_paper_figure_targets()
     if "discovery" in FAMILIES:
         targets += ["results/tables/discovery/summary.md", "results/tables/discovery/summary.csv"]
         targets += expand("results/figures/discovery/{name}.png", name=DISCOVERY_FIGURES)
@@ -816,3 +829,101 @@ def vlm_epoch_metrics():
         epochs=curve.get("epochs", []),
         seed=SEEDS,
     )
+
+
+# --- family `metric` (deep metric learning) ---------------------------------------------------
+
+METRIC = FAMILIES.get("metric", {})
+METRIC_SCENES = METRIC.get("scenes") or {}
+
+
+def family_seeds(spec):
+    return [str(s) for s in spec.get("seeds", [])] or SEEDS
+
+
+def metric_overrides(wildcards):
+    return json.dumps(METRIC.get("overrides", {}).get(wildcards.metric_method, {}), sort_keys=True)
+
+
+def metric_select_flag(wildcards):
+    return "--select" if wildcards.metric_split == "select" else ""
+
+
+def metric_splits():
+    return ["test", "select"] if METRIC.get("selection") else ["test"]
+
+
+def metric_retrieval_metrics():
+    return expand(
+        "results/eval/metric/{dataset}/{backbone}/{split}/{method}/seed{seed}/metrics.json",
+        dataset=DATASETS if METRIC else [],
+        backbone=BACKBONES[:1],
+        split=metric_splits(),
+        method=METRIC.get("methods", []),
+        seed=family_seeds(METRIC),
+    )
+
+
+def metric_scene_metrics():
+    return expand(
+        "results/eval/metric_scenes/{dataset}/{backbone}/{method}/seed{seed}/metrics.json",
+        dataset=METRIC_SCENES.get("datasets", []),
+        backbone=BACKBONES[:1],
+        method=METRIC_SCENES.get("methods", []),
+        seed=family_seeds(METRIC),
+    )
+
+
+def metric_figure_targets():
+    targets = expand("results/figures/metric/{dataset}_retrieval.png", dataset=DATASETS) if METRIC else []
+    return targets + expand("results/figures/metric/{dataset}_retrieval.png", dataset=METRIC_SCENES.get("datasets", []))
+
+
+def metric_example_runs(wildcards):
+    """The first seed's test run of every method on one dataset, for the retrieval-examples figure."""
+    seed = family_seeds(METRIC)[0]
+    if wildcards.dataset in METRIC_SCENES.get("datasets", []):
+        return expand("results/eval/metric_scenes/{dataset}/{backbone}/{method}/seed{seed}/metrics.json",
+                      dataset=wildcards.dataset, backbone=BACKBONES[:1], method=METRIC_SCENES["methods"], seed=seed)
+    return expand("results/eval/metric/{dataset}/{backbone}/test/{method}/seed{seed}/metrics.json",
+                  dataset=wildcards.dataset, backbone=BACKBONES[:1], method=METRIC.get("methods", []), seed=seed)
+
+
+# --- family `single_paper` (each method its own protocol) ---------------------------------------
+
+SINGLE_PAPER = FAMILIES.get("single_paper", {})
+SINGLE_PAPER_DATASET = SINGLE_PAPER.get("dataset", "fashion_mnist")
+
+
+def single_paper_overrides(wildcards):
+    return json.dumps(SINGLE_PAPER.get("overrides", {}).get(wildcards.sp_method, {}), sort_keys=True)
+
+
+def single_paper_reads_data(method):
+    from classlab.protocols.single_paper import needs_data
+
+    return needs_data(method)
+
+
+def single_paper_inputs(wildcards):
+    inputs = {"hparams": f"config/methods/single_paper/{wildcards.sp_method}.yaml"}
+    if single_paper_reads_data(wildcards.sp_method):
+        inputs["manifest"] = ancient(f"data/prepared/{SINGLE_PAPER_DATASET}/manifest.json")
+    return inputs
+
+
+def single_paper_data_option(wildcards):
+    return f"--data data/prepared/{SINGLE_PAPER_DATASET}" if single_paper_reads_data(wildcards.sp_method) else ""
+
+
+def single_paper_metrics():
+    return expand("results/eval/single_paper/{method}/seed{seed}/metrics.json",
+                  method=SINGLE_PAPER.get("methods", []), seed=family_seeds(SINGLE_PAPER))
+
+
+def single_paper_figure_targets():
+    from classlab.protocols.single_paper import protocol_of
+
+    kinds = {protocol_of(m) for m in SINGLE_PAPER.get("methods", [])}
+    names = {"icl_regression": "icl_gd_loss", "active": "aspl_accuracy_vs_labels"}
+    return [f"results/figures/single_paper/{names[k]}.png" for k in sorted(kinds) if k in names]

@@ -21,6 +21,17 @@ their base dataset's raw images into attribute-object pairs (``classlab.data.pai
 train split keeps the seen pairs' images only (so does validation, cut from it), the raw test split
 every pair's; the manifest adds ``pairs`` (attributes, objects, the pair of each label, seen and
 unseen labels, the recipe). A bad recipe raises ``PairsError`` before anything is written.
+
+Dense scene datasets (``fashion_mnist_lt_scenes``, ``digits_lt_scenes``: a spec with a
+``dense_base``) hold out the base's validation images first (``stratified_holdout`` of the base's
+raw train split by base class, with ``seed`` and ``val_fraction``) and build long-tailed
+multi-object scenes with masks from each part (``classlab.data.dense_scenes``): train scenes from
+the kept base train images, val scenes from the held-out ones, test scenes from the base test
+split. Each split file holds ``x`` uint8 (N, 3, H, W), ``y`` int64 (N, C) multi-hot,
+``source_index`` (the scene's position in its split) and the ``DENSE_ARRAYS``; the manifest's
+``splits.<split>.per_class`` counts the scenes holding each class and ``dense`` records the rest
+(classes, object and image counts, frequency bands, mask conventions, recipe). Masks are checked
+against their images (``check_masks``) before anything is written and again on loading.
 """
 from __future__ import annotations
 
@@ -76,6 +87,8 @@ def stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
 
 
 SCENE_ARRAYS = ("boxes", "distractor_boxes", "distractor_labels", "object_sources")
+# the dense scene datasets' arrays besides SCENE_ARRAYS' object_sources (classlab.data.dense_scenes.DENSE_ARRAYS)
+DENSE_ONLY_ARRAYS = ("object_boxes", "object_cells", "object_labels", "instance_masks", "semantic_masks")
 
 
 def _scene_raw(spec, raw, recipe: dict | None):
@@ -105,13 +118,15 @@ def prepare(dataset: str, raw_dir: Path, out_dir: Path, seed: int = 0,
     raises ``SceneError`` naming the key before anything is written.
     """
     spec = get_dataset(dataset)
+    if spec.dense_base is not None:
+        return _prepare_dense(spec, Path(raw_dir), Path(out_dir), seed, val_fraction, recipe)
     if spec.pairs_base is not None:
         return _prepare_pairs(spec, raw_dir, out_dir, seed, val_fraction, recipe)
     if spec.scene_base is None and recipe is not None:
         from classlab.data.registry import DATASETS
         from classlab.data.scenes import SceneError
 
-        scene_sets = sorted(n for n in DATASETS if get_dataset(n).scene_base)
+        scene_sets = sorted(n for n in DATASETS if get_dataset(n).scene_base or get_dataset(n).dense_base)
         raise SceneError(f"scenes: dataset {dataset!r} takes no scene recipe; scene datasets: {scene_sets}")
     if spec.scene_base is not None:
         from classlab.data.scenes import resolve_single_target_recipe
@@ -139,6 +154,88 @@ def _prepare_pairs(spec, raw_dir: Path, out_dir: Path, seed: int, val_fraction: 
                                               base=spec.pairs_base)
     return _write_prepared(spec.name, RawSplits(tx, ty, ex, ey, names), spec, Path(out_dir), seed, val_fraction,
                            {}, None, pairs_info=info)
+
+
+def _prepare_dense(spec, raw_dir: Path, out_dir: Path, seed: int, val_fraction: float, recipe: dict | None) -> dict:
+    """A dense scene dataset (``classlab.data.dense_scenes``): the recipe and its object plan are
+    checked before the raw files load; base validation images are held out before any scene is built."""
+    from classlab.data.dense_scenes import build_dense_dataset, plan_dense, resolve_dense_recipe
+
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    base_names = get_dataset(spec.dense_base).class_names
+    plan_dense(resolve_dense_recipe(recipe, base_names, spec.dense_defaults), with_val=val_fraction > 0)
+    raw = spec.load_raw(raw_dir)
+    keep, held = stratified_holdout(raw.train_y, val_fraction, seed)
+    splits, info = build_dense_dataset(raw.train_x, raw.train_y, raw.test_x, raw.test_y, raw.class_names or base_names,
+                                       recipe, spec.dense_defaults, base=spec.dense_base, train_pool=keep, val_pool=held)
+    info["base_val_indices"] = held.tolist()
+    return write_dense_prepared(spec.name, splits, info, out_dir, seed, val_fraction, raw_train_count=len(raw.train_y))
+
+
+def _channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (population) std of uint8 images in [0, 1] units, one channel at a time."""
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    mean, std = [], []
+    for c in range(x.shape[1]):
+        xc = x[:, c]
+        s1 = float(xc.sum(dtype=np.uint64))
+        s2 = float(np.square(xc, dtype=np.uint32).sum(dtype=np.uint64))
+        m = s1 / n
+        mean.append(m / 255.0)
+        std.append(float(np.sqrt(max(s2 / n - m * m, 0.0))) / 255.0)
+    return mean, std
+
+
+def write_dense_prepared(dataset: str, splits: dict, info: dict, out_dir: Path, seed: int = 0, val_fraction: float = DEFAULT_VAL_FRACTION, raw_train_count: int = 0) -> dict:
+    """``train.pt``, ``val.pt``, ``test.pt`` and, last, ``manifest.json`` of a dense scene dataset.
+
+    ``splits`` maps each split to a ``classlab.data.dense_scenes.DenseScenes`` and ``info`` is
+    ``build_dense_dataset``'s manifest section (its ``class_names`` and ``object_counts`` are read
+    here). Every split's masks
+    are checked against its images first: a mismatch raises ``MaskError`` (naming ``masks``) before
+    the output directory is created.
+    """
+    from classlab.data.dense_scenes import DENSE_ARRAYS, check_masks
+
+    out_dir = Path(out_dir)
+    for split in ("train", "val", "test"):
+        part = splits[split]
+        for key in ("instance_masks", "semantic_masks"):
+            check_masks(part.x, getattr(part, key), key, split)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split in ("train", "val", "test"):
+        part = splits[split]
+        target = out_dir / f"{split}.pt"
+        blob = {"x": part.x.contiguous(), "y": part.y.to(torch.int64).contiguous(),
+                "source_index": torch.arange(len(part), dtype=torch.int64)}
+        blob.update({k: getattr(part, k).contiguous() for k in DENSE_ARRAYS})
+        save_checkpoint(blob, target)
+        files[split] = {"file": target.name, "sha256": _sha256(target), "count": int(len(part)),
+                        "per_class": part.y.sum(0).tolist(),
+                        "objects_per_class": info["object_counts"][split]}
+    files["train"]["source"] = "scenes of the base's raw train images minus dense.base_val_indices"
+    files["val"].update({"source": "scenes of the base's raw train images at dense.base_val_indices",
+                         "fraction": float(val_fraction), "seed": int(seed), "stratified": "per base class"})
+    files["test"]["source"] = "scenes of the base's raw test images"
+    mean, std = _channel_stats(splits["train"].x.numpy())
+    manifest = {
+        "dataset": dataset,
+        "class_names": list(info["class_names"]),
+        "num_classes": len(info["class_names"]),
+        "shape": list(splits["train"].x.shape[1:]),
+        "seed": seed,
+        "val_fraction": float(val_fraction),
+        "val_seed": int(seed),
+        "raw_train_count": int(raw_train_count),
+        "splits": files,
+        "channel_mean": mean,
+        "channel_std": std,
+        "dense": info,
+    }
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
 
 
 def _write_prepared(dataset: str, raw, spec, out_dir: Path, seed: int, val_fraction: float, extras: dict,
@@ -199,13 +296,19 @@ def _write_prepared(dataset: str, raw, spec, out_dir: Path, seed: int, val_fract
 @dataclass
 class PreparedSplit:
     x: torch.Tensor  # uint8 (N, C, H, W)
-    y: torch.Tensor  # int64 (N,)
+    y: torch.Tensor  # int64 (N,); dense scene datasets: int64 (N, C) multi-hot
     source_index: torch.Tensor | None = None  # int64 (N,): position in the raw split it came from
     # scene datasets only (None otherwise): the target's box x0, y0, x1, y1 (x1, y1 exclusive)
     boxes: torch.Tensor | None = None              # int64 (N, 4)
     distractor_boxes: torch.Tensor | None = None   # int64 (N, D, 4)
     distractor_labels: torch.Tensor | None = None  # int64 (N, D): base-dataset class ids
     object_sources: torch.Tensor | None = None     # int64 (N, 1 + D): base-split image index, target first
+    # dense scene datasets only (classlab.data.dense_scenes; object_sources is then (N, k_max), -1 pads)
+    object_boxes: torch.Tensor | None = None       # int64 (N, k_max, 4): tight box of each object's mask
+    object_cells: torch.Tensor | None = None       # int64 (N, k_max, 4): the cell each object sits in
+    object_labels: torch.Tensor | None = None      # int64 (N, k_max): class per object, -1 pads
+    instance_masks: torch.Tensor | None = None     # uint8 (N, H, W): 0 background, j + 1 = object slot j
+    semantic_masks: torch.Tensor | None = None     # uint8 (N, H, W): 0 background, k + 1 = class k
 
     def __len__(self) -> int:
         return len(self.y)
@@ -236,6 +339,12 @@ def load_prepared(prepared_dir: Path) -> PreparedDataset:
             splits[split] = PreparedSplit(ref.x[:0], ref.y[:0], torch.zeros(0, dtype=torch.long))
             continue
         blob = torch.load(prepared_dir / manifest["splits"][split]["file"], weights_only=True)
+        dense = {k: blob.get(k) for k in DENSE_ONLY_ARRAYS}
+        for key in ("instance_masks", "semantic_masks"):
+            if dense[key] is not None:
+                from classlab.data.dense_scenes import check_masks
+
+                check_masks(blob["x"], dense[key], key, split)
         splits[split] = PreparedSplit(blob["x"], blob["y"], blob.get("source_index"),
-                                      **{k: blob.get(k) for k in SCENE_ARRAYS})
+                                      **{k: blob.get(k) for k in SCENE_ARRAYS}, **dense)
     return PreparedDataset(manifest, splits["train"], splits["test"], splits["val"])

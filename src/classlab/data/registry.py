@@ -13,6 +13,11 @@ of the default recipe (the target classes, the canvas side); the manifest has th
 Pairs datasets (``fashion_mnist_pairs``, ``digits_pairs``) are specs of the same kind with a
 ``pairs_base``: ``prepare`` colours the base's grayscale images into attribute-object pairs
 (``classlab.data.pairs``); their ``class_names`` are the default recipe's pair names.
+
+Dense scene datasets (``fashion_mnist_lt_scenes``, ``digits_lt_scenes``) are specs with a
+``dense_base``: ``prepare`` builds long-tailed multi-object scenes of colour x object classes with
+boxes and instance and semantic masks (``classlab.data.dense_scenes``); their ``class_names`` and
+``size`` are the default recipe's.
 """
 from __future__ import annotations
 
@@ -59,6 +64,10 @@ class DatasetSpec:
     # their default recipe keys (over classlab.data.pairs.PAIRS_RECIPE)
     pairs_base: str | None = None
     pairs_defaults: dict | None = None
+    # long-tailed dense scene datasets (masks, many attribute x object classes): the registry name whose
+    # raw files they are built from, and their default recipe keys (over classlab.data.dense_scenes.DENSE_RECIPE)
+    dense_base: str | None = None
+    dense_defaults: dict | None = None
 
     @property
     def num_classes(self) -> int:
@@ -382,3 +391,31 @@ def fashion_mnist_pairs() -> DatasetSpec:
 @register_dataset("digits_pairs")
 def digits_pairs() -> DatasetSpec:
     return _pairs_spec("digits_pairs", digits(), {})
+
+
+# --- long-tailed dense scenes built from a base dataset (the dense family's data) ----------------
+
+def _dense_spec(name: str, base: DatasetSpec, defaults: dict) -> DatasetSpec:
+    from classlab.data.dense_scenes import resolve_dense_recipe
+
+    r = resolve_dense_recipe(None, base.class_names, defaults)
+    return DatasetSpec(name, r["class_names"], 3, base.size * r["recipe"]["grid"], list(base.files),
+                       base.default_mirror, base.load_raw, base.materialize, dense_base=base.name,
+                       dense_defaults=dict(defaults))
+
+
+# dense scene dataset -> the dataset it is built from, readable without building a spec
+DENSE_BASES = {"fashion_mnist_lt_scenes": "fashion_mnist", "digits_lt_scenes": "digits"}
+
+
+# 4 colours x 10 garments = 40 classes, exp long tail with imbalance ratio 100 (DENSE_RECIPE's defaults)
+@register_dataset("fashion_mnist_lt_scenes")
+def fashion_mnist_lt_scenes() -> DatasetSpec:
+    return _dense_spec("fashion_mnist_lt_scenes", fashion_mnist(), {})
+
+
+# digits has ~130 train images per class, so its head classes reuse sources; sized for fast tests
+@register_dataset("digits_lt_scenes")
+def digits_lt_scenes() -> DatasetSpec:
+    return _dense_spec("digits_lt_scenes", digits(), {"imbalance_ratio": 20.0, "n_train": 400, "n_val": 100,
+                                                      "n_test": 200})

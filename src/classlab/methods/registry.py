@@ -17,7 +17,7 @@ from classlab.config import ConfigError, method_config_path, method_modules, met
 
 METHODS: dict[tuple[str, str], type] = {}
 # families whose methods run inside a protocol and declare the protocol kinds they run on
-PROTOCOL_FAMILIES = ("incremental", "discovery", "shift")
+PROTOCOL_FAMILIES = ("incremental", "discovery", "shift", "single_paper")
 
 
 def _declared_scenario_kinds(family: str, name: str) -> tuple[str, ...] | None:

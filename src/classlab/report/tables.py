@@ -33,6 +33,19 @@ def run_fields(metrics: dict) -> dict:
     return out
 
 
+def numeric_fields(metrics: dict, skip=("seed",)) -> dict:
+    """Every top-level number of a metrics.json (not booleans, lists or nested records), as floats;
+    None (a level never reached) becomes NaN. The families whose protocols report their own scalars
+    (metric, single_paper) tabulate what their runs wrote."""
+    out = {}
+    for key, value in metrics.items():
+        if key in skip or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out[key] = float(value)
+    return out
+
+
 def with_integer_budgets(runs: pd.DataFrame) -> pd.DataFrame:
     """Budget columns as nullable integers, so a CSV says 36, not 36.0, when some runs lack them."""
     for key in ("train_steps", "batch_size"):
