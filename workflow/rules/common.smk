@@ -845,6 +845,16 @@ def metric_overrides(wildcards):
     return json.dumps(METRIC.get("overrides", {}).get(wildcards.metric_method, {}), sort_keys=True)
 
 
+def metric_backbone_kwargs(wildcards):
+    kwargs = METRIC.get("backbone_kwargs")
+    return json.dumps(config["backbone_kwargs"].get(wildcards.backbone, {}) if kwargs is None else kwargs, sort_keys=True)
+
+
+def metric_scene_backbone_kwargs(wildcards):
+    kwargs = METRIC_SCENES.get("backbone_kwargs")
+    return json.dumps(config["backbone_kwargs"].get(wildcards.backbone, {}) if kwargs is None else kwargs, sort_keys=True)
+
+
 def metric_select_flag(wildcards):
     return "--select" if wildcards.metric_split == "select" else ""
 

@@ -17,7 +17,7 @@ rule train_metric:
         embeddings="results/eval/metric/{dataset}/{backbone}/{metric_split}/{metric_method}/seed{seed}/embeddings.npz",
     params:
         overrides=metric_overrides,
-        backbone_kwargs=backbone_kwargs_json,
+        backbone_kwargs=metric_backbone_kwargs,
         select=metric_select_flag,
     log:
         "logs/train_metric/{dataset}/{backbone}/{metric_split}/{metric_method}/seed{seed}.log",
@@ -43,7 +43,7 @@ rule train_metric_scenes:
         metrics="results/eval/metric_scenes/{dataset}/{backbone}/{metric_method}/seed{seed}/metrics.json",
     params:
         overrides=metric_overrides,
-        backbone_kwargs=backbone_kwargs_json,
+        backbone_kwargs=metric_scene_backbone_kwargs,
     log:
         "logs/train_metric_scenes/{dataset}/{backbone}/{metric_method}/seed{seed}.log",
     threads: 2

@@ -90,3 +90,83 @@ def metric_claims(runs: pd.DataFrame, claims=None) -> pd.DataFrame:
     from classlab.report.claims import evaluate_claims
 
     return evaluate_claims(runs, FAMILY, group_by=("dataset", "backbone", "scenario"), claims=claims)
+
+
+# --- the retrieval-examples figure ---------------------------------------------------------------
+
+EXAMPLE_QUERIES = 4
+TOP = 5
+
+
+def _examples_of_run(run_dir: Path, m: dict) -> tuple[str, list[dict]]:
+    """(split, examples) of one run: each example a query's position in the split, its label, and its
+    TOP nearest neighbours' positions, labels and relevance. Scene runs wrote them
+    (retrieval_examples.json); retrieval runs wrote their embeddings, ranked here by the same Euclidean
+    distance the metrics use (query excluded), for the first query of each of the first classes."""
+    if (run_dir / "retrieval_examples.json").exists():
+        doc = read_json(run_dir / "retrieval_examples.json")
+        return doc.get("split", "test"), [{"query": e["query"], "label": e["query_label"], "top": e["top"][:TOP],
+                                           "top_labels": e["top_labels"][:TOP]} for e in doc["examples"][:EXAMPLE_QUERIES]]
+    blob = np.load(run_dir / "embeddings.npz")
+    emb, labels, index = blob["embeddings"].astype(np.float64), blob["labels"], blob["index"]
+    rows = [int(np.flatnonzero(labels == c)[0]) for c in list(dict.fromkeys(labels.tolist()))[:EXAMPLE_QUERIES]]
+    examples = []
+    for q in rows:
+        dist = ((emb - emb[q]) ** 2).sum(1)
+        dist[q] = np.inf
+        top = np.argsort(dist, kind="stable")[:TOP]
+        examples.append({"query": int(index[q]), "label": int(labels[q]), "top": [int(index[j]) for j in top],
+                         "top_labels": [int(labels[j]) for j in top]})
+    return str(blob["split"]), examples
+
+
+def _thumbnail(x) -> np.ndarray:
+    img = np.asarray(x, dtype=np.float32) / 255.0
+    return img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0))
+
+
+def plot_retrieval_examples(metric_files, figure: Path, prepared_root: Path = Path("data/prepared")) -> None:
+    """Queries and their nearest neighbours, one block of rows per method (the first seed's test run):
+    a green frame where the neighbour shares the query's class, red where it does not."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from classlab.data.prepare import load_prepared
+    from classlab.io import atomic_path
+
+    runs = []
+    for path in metric_files:
+        m = read_json(path)
+        split, examples = _examples_of_run(Path(path).parent, m)
+        runs.append((m, split, examples))
+    data = load_prepared(Path(prepared_root) / runs[0][0]["dataset"])
+    names = list(data.manifest.get("class_names") or [])
+    nrows = sum(len(ex) for _, _, ex in runs)
+    fig, axes = plt.subplots(nrows, TOP + 1, figsize=(1.3 * (TOP + 1), 1.35 * nrows), squeeze=False)
+    r = 0
+    for m, split, examples in runs:
+        x = getattr(data, split).x
+        for e in examples:
+            ax = axes[r][0]
+            ax.imshow(_thumbnail(x[e["query"]]), cmap="gray", vmin=0, vmax=1)
+            label = names[e["label"]] if e["label"] < len(names) else str(e["label"])
+            ax.set_title(f"{m['method']}\n{label}", fontsize=6)
+            for j, (pos, lab) in enumerate(zip(e["top"], e["top_labels"]), start=1):
+                ax = axes[r][j]
+                ax.imshow(_thumbnail(x[pos]), cmap="gray", vmin=0, vmax=1)
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("green" if lab == e["label"] else "red")
+                    spine.set_linewidth(2.5)
+            r += 1
+    for row in axes:
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"{runs[0][0]['dataset']}: queries (left) and their {TOP} nearest neighbours", fontsize=8)
+    fig.tight_layout()
+    Path(figure).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(Path(figure)) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
