@@ -24,6 +24,12 @@
    the same run.
 10. prompt_learning: training images/s of each vlm prompt learner on the default ConvNet's offline
    CLIP, with the text-tower calls and the prompt sequences it encodes per step, relative to CoOp's.
+11. metric_learning: training images/s of each deep-metric-learning method (the losses with their
+   miners, ECAML's confusion term, Metrix's mixed examples) at config/metric_cpu.yaml's settings,
+   relative to multi-similarity's (the base loss both regularisers wrap) in the same run.
+12. single_paper: each single-paper protocol's training cost against its own baseline in the same run:
+   INS's instances/s against attention MIL's (mil), and ASPL's seconds per round (pool scoring and
+   pseudo-labels included) against active learning alone's (aspl); icl_gd's Adam steps per second.
 """
 from __future__ import annotations
 
@@ -525,6 +531,80 @@ def bench_prompt_learning(steps: int = 20, batch: int = 32) -> None:
               "step": "forward only (nothing trained)" if name == "zeroshot" else "forward + backward + SGD"})
 
 
+def _metric_batches(data, batch: int, steps: int):
+    mean = torch.tensor(data.manifest["channel_mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(data.manifest["channel_std"]).view(1, -1, 1, 1)
+    pick = torch.nonzero(data.train.y < 5).flatten()[: batch * steps]
+    return [{"x": (data.train.x[pick[i:i + batch]].float() / 255 - mean) / std, "y": data.train.y[pick[i:i + batch]],
+             "index": pick[i:i + batch]} for i in range(0, len(pick), batch)]
+
+
+def bench_metric_learning(steps: int = 12) -> None:
+    """The metric family's training step on the default ConvNet with a 64-d embedding head, batch 128 of
+    the five training classes, two threads, in one process; images/s is the best of two rounds."""
+    from classlab.config import resolve_checked_hparams
+    from classlab.engine.device import set_threads
+    from classlab.methods.metric_learner import METHODS, method_class
+    from classlab.models import build_classifier
+
+    set_threads(2)
+    data = fashion_mnist()
+    batches = _metric_batches(data, 128, steps)
+    rates = {}
+    for name in METHODS:
+        torch.manual_seed(0)
+        hp = resolve_checked_hparams("metric", name, {})
+        model = build_classifier("convnet", 1, int(hp["embedding_size"]), img_size=28)
+        learner = method_class(name)(model, hp, 5)
+        opt = learner.configure_optimizer()
+        best = 0.0
+        for _ in range(2):
+            t0 = time.perf_counter()
+            for step, b in enumerate(batches):
+                learner.global_step = step
+                loss, _ = learner.training_step(b)
+                learner.optimizer_step(loss, opt, lambda: learner.training_step(b)[0])
+            best = max(best, len(batches) * 128 / (time.perf_counter() - t0))
+        rates[name] = best
+    for name, rate in rates.items():
+        emit({"bench": "metric_learning", "method": name, "model": "convnet + 64-d embedding (metric_cpu.yaml)",
+              "batch_size": 128, "threads": 2, "images_per_s": round(rate, 1),
+              "relative_to_multi_similarity": round(rate / rates["multi_similarity"], 3)})
+
+
+def bench_single_paper() -> None:
+    """One short run of each single-paper protocol and its baseline on Fashion-MNIST, one thread each, in
+    this process: the protocols' own ``train_seconds`` (training only) turned into rates."""
+    from classlab.protocols.single_paper import run_single_paper
+
+    fashion_mnist()  # prepared here when the pipeline has not
+    data_dir = ROOT / "data" / "prepared" / "fashion_mnist"
+    if not (data_dir / "manifest.json").exists():
+        data_dir = OUT / "fashion_mnist"
+    small_bags = {"train_bags": 40, "val_bags": 20, "test_bags": 20, "epochs": 2}
+    rounds = {"queries_per_round": 50, "query_budget": 150, "train_steps": 100}
+    runs = {"mil": small_bags, "mil_attention": small_bags, "aspl": rounds, "active_only": rounds,
+            "icl_gd": {"train_tasks": 20480, "epochs": 5, "val_tasks": 1000, "test_tasks": 1000}}
+    out = {}
+    for name, overrides in runs.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            m = run_single_paper(name, data_dir, 0, Path(tmp), overrides=overrides, threads=1)
+        out[name] = m
+    ins_rate = out["mil"]["train_instances"] * small_bags["epochs"] / out["mil"]["train_seconds"]
+    abmil_rate = out["mil_attention"]["train_instances"] * small_bags["epochs"] / out["mil_attention"]["train_seconds"]
+    emit({"bench": "single_paper", "protocol": "mil", "methods": "mil (INS) vs mil_attention (ABMIL)", "threads": 1,
+          "mil_instances_per_s": round(ins_rate, 1), "mil_attention_instances_per_s": round(abmil_rate, 1),
+          "ratio": round(ins_rate / abmil_rate, 3)})
+    per_round = {k: out[k]["train_seconds"] / len(out[k]["curve_labels"]) for k in ("aspl", "active_only")}
+    emit({"bench": "single_paper", "protocol": "aspl", "methods": "aspl vs active_only", "threads": 1,
+          "aspl_seconds_per_round": round(per_round["aspl"], 2),
+          "active_only_seconds_per_round": round(per_round["active_only"], 2),
+          "ratio": round(per_round["aspl"] / per_round["active_only"], 3)})
+    icl = out["icl_gd"]
+    emit({"bench": "single_paper", "protocol": "icl_gd", "methods": "icl_gd (one LSA layer)", "threads": 1,
+          "adam_steps_per_s": round(icl["train_steps"] / icl["train_seconds"], 1), "batch_size": icl["hparams"]["batch_size"]})
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bench.jsonl").unlink(missing_ok=True)
@@ -542,6 +622,8 @@ def main() -> None:
     bench_tta_stream()
     bench_condensation()
     bench_prompt_learning()
+    bench_metric_learning()
+    bench_single_paper()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ def _smoke():
 
 
 def test_shipped_configs_are_valid():
-    for name in ("config.yaml", "smoke.yaml", "incremental.yaml", "incremental_cpu.yaml", "incremental_b0inc2.yaml", "shift_cpu.yaml", "shift.yaml", "condense_cpu.yaml", "condense.yaml"):
+    for name in ("config.yaml", "smoke.yaml", "incremental.yaml", "incremental_cpu.yaml", "incremental_b0inc2.yaml", "shift_cpu.yaml", "shift.yaml", "condense_cpu.yaml", "condense.yaml",
+                 "metric_cpu.yaml", "metric.yaml", "single_paper_cpu.yaml", "single_paper.yaml"):
         validate_config(yaml.safe_load((ROOT / "config" / name).read_text()))
 
 
@@ -27,6 +28,14 @@ def test_shipped_configs_are_valid():
      "unknown hyperparameter 'lrr' for supervised/erm"),
     (lambda c: c["pretrain"].update(method="dino"), "config key pretrain.method"),
     (lambda c: c["families"].update(nonexistent_family={"methods": ["x"]}), "nonexistent_family"),
+    (lambda c: c["families"]["metric"]["scenes"].update(methods=["cfcdd"]),
+     "config key families.metric.scenes.methods[0]: 'cfcdd' is not a method of family 'metric'"),
+    (lambda c: c["families"]["metric"]["overrides"]["metrix"].update(mix="pixels"),
+     "families.metric.overrides.metrix.mix"),
+    (lambda c: c["families"]["single_paper"].update(methods=["icl"]),
+     "config key families.single_paper.methods[0]: 'icl' is not a method"),
+    (lambda c: c["families"]["single_paper"]["overrides"]["aspl"].update(query_budget=-1),
+     "families.single_paper.overrides.aspl.query_budget"),
 ])
 def test_bad_config_names_the_key(mutate, needle):
     config = copy.deepcopy(_smoke())

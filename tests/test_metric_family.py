@@ -14,7 +14,8 @@ import yaml
 from classlab.config import METHOD_CONFIGS, ConfigError, resolve_checked_hparams
 from classlab.metrics.retrieval import retrieval_metrics
 from classlab.models import build_classifier
-from classlab.protocols.metric import METHODS, SHARED_KEYS, base_loss_hparams, method_class, run_metric
+from classlab.methods.metric_learner import METHODS, SHARED_KEYS, base_loss_hparams, method_class
+from classlab.protocols.metric import run_metric
 
 TINY = {"widths": [8, 16], "pool_after": [0]}
 FAST = {"epochs": 1, "samples_per_class": 24, "eval_per_class": 12, "batch_size": 32, "embedding_size": 8}

@@ -112,24 +112,32 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_icl_losses(metrics: list[dict], path: Path) -> None:
-    """The trained layer's test loss over training steps against the GD construction's, per seed."""
+    """Left: the trained layer's test loss over training steps against the GD construction's, per seed.
+    Right: the cosine between the two models' sensitivities to the query (the paper's model cosine)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for k, m in enumerate(sorted(metrics, key=lambda m: m["seed"])):
         curve = np.asarray(m["loss_curve"], dtype=float)
         ax.plot(curve[:, 0], curve[:, 1], color=f"C{k}", label=f"trained LSA, seed {m['seed']}")
         ax.axhline(float(m["loss_gd"]), color=f"C{k}", linestyle="--", linewidth=1,
                    label="one step of GD" if k == 0 else None)
+        if m.get("cosine_curve"):
+            cos = np.asarray(m["cosine_curve"], dtype=float)
+            ax2.plot(cos[:, 0], cos[:, 1], color=f"C{k}")
     ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("squared loss on the test tasks")
-    ax.set_title("in-context linear regression: trained layer vs GD")
-    ax.grid(alpha=0.3)
+    ax.set_title("trained layer vs one GD step: loss")
     ax.legend(fontsize=7)
+    ax2.set_xlabel("training step")
+    ax2.set_ylabel("cosine of d y_hat / d x_query")
+    ax2.set_title("model cosine with the GD construction")
+    for a in (ax, ax2):
+        a.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, path)
 

@@ -16,7 +16,7 @@ D lies in [0, 2], negatives are pushed past cosine 0.5). No miner: all pairs of 
 from __future__ import annotations
 
 from classlab.methods.registry import register_method
-from classlab.protocols.metric import MetricLearner
+from classlab.methods.metric_learner import MetricLearner
 
 
 @register_method("metric", "contrastive")

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from classlab.methods.registry import register_method
-from classlab.protocols.metric import MetricLearner
+from classlab.methods.metric_learner import MetricLearner
 
 ENERGY_EPS = 1e-8  # keeps log E finite when every different-class pair coincides
 

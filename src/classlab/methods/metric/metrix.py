@@ -50,7 +50,7 @@ from torch import nn
 from classlab.config import ConfigError
 from classlab.data.loader import mix_seed
 from classlab.methods.registry import register_method
-from classlab.protocols.metric import MetricLearner
+from classlab.methods.metric_learner import MetricLearner
 
 MIX_MODES = ("input", "feature", "embedding")
 

@@ -18,7 +18,7 @@ pytorch-metric-learning's ``MultiSimilarityLoss`` (alpha, beta, base = lambda) a
 from __future__ import annotations
 
 from classlab.methods.registry import register_method
-from classlab.protocols.metric import MetricLearner
+from classlab.methods.metric_learner import MetricLearner
 
 
 @register_method("metric", "multi_similarity")

@@ -16,7 +16,7 @@ first-epoch warm-up of the new layers only (every method of the family gets the 
 from __future__ import annotations
 
 from classlab.methods.registry import register_method
-from classlab.protocols.metric import MetricLearner
+from classlab.methods.metric_learner import MetricLearner
 
 
 @register_method("metric", "proxy_anchor")
