@@ -931,6 +931,11 @@ def single_paper_metrics():
                   method=SINGLE_PAPER.get("methods", []), seed=family_seeds(SINGLE_PAPER))
 
 
+def output_folder(wildcards, output):
+    """The folder of a rule's first output (a command that writes several files into it)."""
+    return str(Path(output[0]).parent)
+
+
 def single_paper_figure_targets():
     from classlab.protocols.single_paper import protocol_of
 

@@ -36,7 +36,7 @@ rule plot_single_paper:
         figures=report(single_paper_figure_targets(), caption="../report/single_paper_figures.rst",
                        category="single_paper", subcategory="figures"),
     params:
-        figure_dir="results/figures/single_paper",
+        figure_dir=output_folder,
     log:
         "logs/plot_single_paper.log",
     conda:
