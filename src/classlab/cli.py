@@ -507,6 +507,18 @@ def _add_run_options(p, init_help: str, init_required: bool = False) -> None:
     _add_execution_options(p)
 
 
+def _add_metric_options(p, method_help: str, data_help: str) -> None:
+    """What a metric-family run takes (metric-retrieval, metric-scenes)."""
+    p.add_argument("--method", required=True, help=method_help)
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--backbone", default="convnet")
+    p.add_argument("--backbone-kwargs", default="{}")
+    p.add_argument("--overrides", default="{}")
+    p.add_argument("--out-dir", required=True)
+    _add_execution_options(p)
+
+
 def _add_table_outputs(p) -> None:
     """What every aggregate command writes: per-run rows, the summary (CSV and markdown), the claims."""
     p.add_argument("--runs-csv", required=True)
@@ -763,27 +775,13 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_plot_single_paper)
 
     p = sub.add_parser("metric-retrieval", help="deep metric learning: train on half the classes, retrieve the rest")
-    p.add_argument("--method", required=True, help="a method of config/methods/metric/")
-    p.add_argument("--data", required=True, help="prepared dataset directory")
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--backbone", default="convnet")
-    p.add_argument("--backbone-kwargs", default="{}")
-    p.add_argument("--overrides", default="{}")
+    _add_metric_options(p, "a method of config/methods/metric/", "prepared dataset directory")
     p.add_argument("--select", action="store_true",
                    help="hold out the last val_classes training classes and score on them (choosing options)")
-    p.add_argument("--out-dir", required=True)
-    _add_execution_options(p)
     p.set_defaults(func=_metric_retrieval)
 
     p = sub.add_parser("metric-scenes", help="scene retrieval (CFCD): the query object among distractors, mAP")
-    p.add_argument("--method", required=True, help="a method of config/methods/metric/ (cfcd, cfcd_global)")
-    p.add_argument("--data", required=True, help="prepared scenes dataset directory")
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--backbone", default="convnet")
-    p.add_argument("--backbone-kwargs", default="{}")
-    p.add_argument("--overrides", default="{}")
-    p.add_argument("--out-dir", required=True)
-    _add_execution_options(p)
+    _add_metric_options(p, "a method of config/methods/metric/ (cfcd, cfcd_global)", "prepared scenes dataset directory")
     p.set_defaults(func=_metric_scenes)
 
     p = sub.add_parser("aggregate-metric", help="Recall@K / NMI / MAP@R and mAP tables and the metric family's claims")

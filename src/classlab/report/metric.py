@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from classlab.io import read_json
-from classlab.report.tables import numeric_fields, run_fields, with_integer_budgets, write_table_set
+from classlab.report.tables import (method_table, numeric_fields, run_fields, summarize_numbers,
+                                    with_integer_budgets, write_table_set)
 
 FAMILY = "metric"
 DISPLAY = {
@@ -46,14 +47,7 @@ def metric_runs(metric_files) -> pd.DataFrame:
 
 
 def metric_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    keys = ["dataset", "backbone", "scenario", "method"]
-    columns = [c for c in runs.columns if c not in keys + ["family", "protocol", "seed", "git_commit", "command"]
-               and pd.api.types.is_numeric_dtype(runs[c])]
-    g = runs.groupby(keys)
-    out = g[columns].agg(["mean", "std"])
-    out.columns = [f"{metric}_{stat}" for metric, stat in out.columns]
-    out["seeds"] = g.seed.nunique()
-    return out.reset_index()
+    return summarize_numbers(runs, ["dataset", "backbone", "scenario", "method"])
 
 
 def _cell(row, key: str) -> str:
@@ -69,13 +63,8 @@ def metric_markdown(summary: pd.DataFrame) -> str:
               "retrieval/select": "validation on held-out training classes (for choosing options)",
               "scenes": "scene retrieval, the query object among distractors"}
     for (dataset, backbone, scenario), group in summary.groupby(["dataset", "backbone", "scenario"]):
-        shown = [(k, label) for k, label in DISPLAY.get(scenario, []) if f"{k}_mean" in group]
         lines.append(f"### {dataset} ({backbone}), {titles.get(scenario, scenario)}: %, mean ± std over seeds\n")
-        lines.append("| method | " + " | ".join(label for _, label in shown) + " | seeds |")
-        lines.append("|---|" + "---|" * (len(shown) + 1))
-        for _, row in group.iterrows():
-            lines.append(f"| {row.method} | " + " | ".join(_cell(row, k) for k, _ in shown) + f" | {row.seeds} |")
-        lines.append("")
+        lines += method_table(group, DISPLAY.get(scenario, []), _cell)
     return "\n".join(lines)
 
 

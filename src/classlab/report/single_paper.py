@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from classlab.io import read_json
-from classlab.report.tables import numeric_fields, run_fields, with_integer_budgets, write_table_set
+from classlab.report.tables import (method_table, numeric_fields, run_fields, summarize_numbers,
+                                    with_integer_budgets, write_table_set)
 
 FAMILY = "single_paper"
 # what each protocol's table shows, in order (a column no run reports is left out)
@@ -47,14 +48,7 @@ def single_paper_runs(metric_files) -> pd.DataFrame:
 
 
 def single_paper_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    keys = ["protocol", "dataset", "backbone", "method"]
-    columns = [c for c in runs.columns if c not in keys + ["family", "scenario", "seed", "git_commit", "command"]
-               and pd.api.types.is_numeric_dtype(runs[c])]
-    g = runs.groupby(keys, dropna=False)
-    out = g[columns].agg(["mean", "std"])
-    out.columns = [f"{metric}_{stat}" for metric, stat in out.columns]
-    out["seeds"] = g.seed.nunique()
-    return out.reset_index()
+    return summarize_numbers(runs.drop(columns=["scenario"]), ["protocol", "dataset", "backbone", "method"])
 
 
 def _cell(row, key: str) -> str:
@@ -68,7 +62,6 @@ def _cell(row, key: str) -> str:
 def single_paper_markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
     lines = []
     for protocol, group in summary.groupby("protocol"):
-        shown = [(k, label) for k, label in DISPLAY.get(protocol, []) if f"{k}_mean" in group]
         dataset = group.dataset.iloc[0]
         lines.append(f"### {protocol} ({dataset}): mean ± std over seeds\n")
         if protocol == "aspl":
@@ -76,11 +69,7 @@ def single_paper_markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
             if len(missed):
                 lines.append(f"{len(missed)} run(s) never reached the target accuracy within the query budget; their "
                              "`labels to target` is missing and the mean is over the others.\n")
-        lines.append("| method | " + " | ".join(label for _, label in shown) + " | seeds |")
-        lines.append("|---|" + "---|" * (len(shown) + 1))
-        for _, row in group.iterrows():
-            lines.append(f"| {row.method} | " + " | ".join(_cell(row, k) for k, _ in shown) + f" | {row.seeds} |")
-        lines.append("")
+        lines += method_table(group, DISPLAY.get(protocol, []), _cell)
     return "\n".join(lines)
 
 

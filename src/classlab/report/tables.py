@@ -46,6 +46,29 @@ def numeric_fields(metrics: dict, skip=("seed",)) -> dict:
     return out
 
 
+def summarize_numbers(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Mean and std over seeds of every numeric column of ``runs`` (not the keys or the seed) per
+    ``keys`` group, and the seed count: the summary of families that tabulate what their runs wrote."""
+    skip = set(keys) | {"seed"}
+    columns = [c for c in runs.columns if c not in skip and pd.api.types.is_numeric_dtype(runs[c])]
+    g = runs.groupby(keys, dropna=False)
+    out = g[columns].agg(["mean", "std"])
+    out.columns = [f"{metric}_{stat}" for metric, stat in out.columns]
+    out["seeds"] = g.seed.nunique()
+    return out.reset_index()
+
+
+def method_table(group: pd.DataFrame, shown: list[tuple[str, str]], cell) -> list[str]:
+    """A markdown table of one summary group: a row per method, a column per (key, label) of ``shown``
+    whose ``<key>_mean`` the summary has, ``cell(row, key)`` its text, and the seeds."""
+    shown = [(k, label) for k, label in shown if f"{k}_mean" in group]
+    lines = ["| method | " + " | ".join(label for _, label in shown) + " | seeds |",
+             "|---|" + "---|" * (len(shown) + 1)]
+    for _, row in group.iterrows():
+        lines.append(f"| {row.method} | " + " | ".join(cell(row, k) for k, _ in shown) + f" | {row.seeds} |")
+    return lines + [""]
+
+
 def with_integer_budgets(runs: pd.DataFrame) -> pd.DataFrame:
     """Budget columns as nullable integers, so a CSV says 36, not 36.0, when some runs lack them."""
     for key in ("train_steps", "batch_size"):
