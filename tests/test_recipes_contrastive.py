@@ -301,7 +301,10 @@ def test_ntk_classifier_buffers_load_into_a_freshly_built_method(name):
     scores = method(xb)
     fresh = get_method("supervised", name)(_model(k=3, size=6), hp, 3)
     fresh.load_state_dict(method.state_dict())
-    assert torch.equal(fresh.eval()(xb), scores)
+    # the same buffers give the same scores; the last bits may differ (BLAS may sum a matrix product in
+    # another order for another allocation), so equal to double-precision rounding and the same argmax
+    reloaded = fresh.eval()(xb)
+    assert torch.allclose(reloaded, scores, rtol=0, atol=1e-12) and torch.equal(reloaded.argmax(1), scores.argmax(1))
     if name in ("ntk_classifier", "ntk_one_nn", "ntk_relu"):  # interpolating rules: training points keep their label
         assert torch.equal(scores.argmax(1), y)
 
