@@ -25,6 +25,7 @@ include: "workflow/rules/condense.smk"
 include: "workflow/rules/vlm.smk"
 include: "workflow/rules/metric.smk"
 include: "workflow/rules/single_paper.smk"
+include: "workflow/rules/ssl.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -58,6 +59,8 @@ localrules:
     plot_retrieval,
     aggregate_single_paper,
     plot_single_paper,
+    aggregate_ssl,
+    plot_ssl_probes,
 
 
 rule all:

@@ -324,6 +324,29 @@ def _aggregate_metric(a):
     write_text(a.claims_csv, metric_claims(runs, claims).to_csv(index=False))
 
 
+def _ssl_probe(a):
+    from classlab.protocols.ssl_probe import run_probe, run_segmentation_probe
+
+    run = run_segmentation_probe if a.dense else run_probe
+    run(Path(a.model), Path(a.data), a.seed, Path(a.out_dir), probe=json.loads(a.probe), threads=a.threads)
+
+
+def _aggregate_ssl(a):
+    from classlab.io import write_text
+    from classlab.report.claims import load_claims
+    from classlab.report.ssl import ssl_claims, write_ssl_tables
+
+    claims = load_claims(a.claims_dir)
+    runs = write_ssl_tables(a.metrics, Path(a.runs_csv), Path(a.summary_csv), Path(a.summary_md))
+    write_text(a.claims_csv, ssl_claims(runs, claims).to_csv(index=False))
+
+
+def _plot_ssl_probes(a):
+    from classlab.report.ssl import plot_ssl_probes
+
+    plot_ssl_probes(a.metrics, Path(a.figure))
+
+
 def _plot_retrieval(a):
     from classlab.report.metric import plot_retrieval_examples
 
@@ -794,6 +817,28 @@ def main(argv: list[str] | None = None) -> int:
                    help="the runs' metrics.json (embeddings.npz or retrieval_examples.npz beside each)")
     p.add_argument("--figure", required=True)
     p.set_defaults(func=_plot_retrieval)
+
+    for name, dense, text in (("ssl-probe", False, "linear probe and k-NN on a frozen pretrained backbone"),
+                              ("ssl-segmentation-probe", True,
+                               "a linear segmentation probe on a frozen backbone's feature maps (dense scenes)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--model", required=True, help="a pretrain node's model.pt")
+        p.add_argument("--data", required=True, help="prepared dataset directory")
+        p.add_argument("--seed", type=int, required=True)
+        p.add_argument("--probe", default="{}", help="JSON probe settings over classlab.protocols.ssl_probe.PROBE_DEFAULTS")
+        p.add_argument("--out-dir", required=True)
+        p.add_argument("--threads", type=int, default=None)
+        p.set_defaults(func=_ssl_probe, dense=dense)
+
+    p = sub.add_parser("aggregate-ssl", help="probe tables and the ssl family's claims")
+    p.add_argument("--metrics", nargs="+", required=True)
+    _add_table_outputs(p)
+    p.set_defaults(func=_aggregate_ssl)
+
+    p = sub.add_parser("plot-ssl-probes", help="probe accuracy / mIoU per ssl method")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--figure", required=True)
+    p.set_defaults(func=_plot_ssl_probes)
 
     p = sub.add_parser("source-statistics", help="class-conditional feature statistics of a source model on its train split")
     p.add_argument("--checkpoint", required=True, help="the source model.pt")

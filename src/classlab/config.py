@@ -422,7 +422,11 @@ def validate_config(config: dict) -> dict:
         problems += _validate_condense(config)
     if "vlm" in config["families"]:
         problems += _validate_vlm(config)
+    if "ssl" in config["families"]:
+        problems += _validate_ssl(config)
     for family, spec in config["families"].items():
+        if family in OWN_GRID_FAMILIES:  # checked by its own validator above
+            continue
         known = list_methods(family)
         spec.setdefault("overrides", {})
         for i, method in enumerate(spec["methods"]):
@@ -811,6 +815,71 @@ def _validate_shift(config: dict) -> list[str]:
                                 f"{list(method_scenario_kinds('shift', method) or ())}, not on test_time")
         methods += tta["methods"]
     spec["methods"] = list(dict.fromkeys(methods))
+    return problems
+
+
+# families whose config is not `methods` + `overrides` but a grid of their own, checked by their validator
+OWN_GRID_FAMILIES = ("ssl",)
+SSL_PROBES = ("image", "segmentation")
+# what every method of an ssl group shares (equal pretraining budget): the group's `budget`, never a
+# method's override
+SSL_BUDGET_KEYS = ("epochs", "batch_size", "samples_per_class", "classes")
+
+
+def _validate_ssl(config: dict) -> list[str]:
+    """The ssl family: groups of pretrain-stage methods, each group pretrained at one budget on its
+    datasets with one backbone and read by one probe (image: linear + k-NN; segmentation: a per-pixel
+    linear head on a dense scenes dataset's masks)."""
+    from classlab.data.registry import DENSE_BASES
+
+    spec = config["families"]["ssl"]
+    spec.setdefault("overrides", {})
+    spec.setdefault("probe_settings", {})
+    problems: list[str] = []
+    known = list_methods("pretrain")
+    in_groups: set[str] = set()
+    for name, group in spec["groups"].items():
+        key = f"families.ssl.groups.{name}"
+        group.setdefault("budget", {})
+        group.setdefault("backbone_kwargs", {})
+        group.setdefault("probe", "image")
+        problems += _backbone_kwargs_problems(group["backbone"], group["backbone_kwargs"], f"{key}.backbone_kwargs")
+        for i, method in enumerate(group["methods"]):
+            if method not in known:
+                problems.append(f"config key {key}.methods[{i}]: {method!r} is not a pretrain-stage method; "
+                                f"allowed values: {known}")
+                continue
+            in_groups.add(method)
+            overrides = spec["overrides"].get(method) or {}
+            shared = sorted(set(overrides) & set(SSL_BUDGET_KEYS))
+            if shared:
+                problems.append(f"config key families.ssl.overrides.{method}: {shared} belong to the groups' "
+                                f"budget (every method of a group pretrains at the same budget); set them in "
+                                f"{key}.budget")
+            problems += _check_method("pretrain", method, overrides, f"families.ssl.overrides.{method}",
+                                      [(group["budget"], f"{key}.budget")])
+        unknown_budget = sorted(set(group["budget"]) - set(SSL_BUDGET_KEYS))
+        if unknown_budget:
+            problems.append(f"config key {key}.budget: {unknown_budget} are not budget keys; allowed: "
+                            f"{list(SSL_BUDGET_KEYS)} (a method's own options go in families.ssl.overrides)")
+        if group["probe"] == "segmentation":
+            flat = [d for d in group["datasets"] if d not in DENSE_BASES]
+            if flat:
+                problems.append(f"config key {key}.datasets: {flat} have no semantic masks; the segmentation "
+                                f"probe reads a dense scenes dataset ({sorted(DENSE_BASES)})")
+        elif any(d in DENSE_BASES for d in group["datasets"]):
+            problems.append(f"config key {key}.probe: the image probes need one class per image; "
+                            f"{[d for d in group['datasets'] if d in DENSE_BASES]} are multi-label scenes "
+                            f"(probe: segmentation reads them)")
+    for method in spec["overrides"]:
+        if method not in in_groups:
+            problems.append(f"config key families.ssl.overrides.{method}: {method!r} is in no group's methods")
+    from classlab.protocols.ssl_probe import probe_settings
+
+    try:
+        probe_settings(spec["probe_settings"])
+    except ConfigError as exc:
+        problems.append(f"config key families.ssl.probe_settings: {exc}")
     return problems
 
 

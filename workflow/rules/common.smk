@@ -40,6 +40,7 @@ ALL_DATASETS = sorted(
     | set((FAMILIES.get("vlm", {}).get("label_noise") or {}).get("datasets", []))
     | set(((FAMILIES.get("metric", {}).get("scenes") or {}).get("datasets", [])))
     | ({FAMILIES["single_paper"].get("dataset", "fashion_mnist")} if "single_paper" in FAMILIES else set())
+    | {d for group in (FAMILIES.get("ssl", {}).get("groups") or {}).values() for d in group["datasets"]}
 )
 
 
@@ -127,6 +128,9 @@ def all_targets():
     if "metric" in FAMILIES:
         targets += ["results/tables/metric/summary.md", "results/tables/metric/summary.csv"]
         targets += metric_figure_targets()
+    if "ssl" in FAMILIES:
+        targets += ["results/tables/ssl/summary.md", "results/tables/ssl/summary.csv",
+                    "results/figures/ssl/probes.png"]
     if "single_paper" in FAMILIES:
         targets += ["results/tables/single_paper/summary.md", "results/tables/single_paper/summary.csv"]
         targets += single_paper_figure_targets()
@@ -942,3 +946,46 @@ def single_paper_figure_targets():
     kinds = {protocol_of(m) for m in SINGLE_PAPER.get("methods", [])}
     names = {"icl_regression": "icl_gd_loss", "active": "aspl_accuracy_vs_labels"}
     return [f"results/figures/single_paper/{names[k]}.png" for k in sorted(kinds) if k in names]
+
+
+# --- family `ssl` (self-supervised pretraining, probed frozen) ------------------------------------
+
+SSL = FAMILIES.get("ssl", {})
+SSL_GROUPS = SSL.get("groups", {})
+
+
+def ssl_group(wildcards):
+    return SSL_GROUPS[wildcards.ssl_group]
+
+
+def ssl_pretrain_overrides(wildcards):
+    """The method's own options, then the group's budget (the same for every method of the group)."""
+    overrides = dict(SSL.get("overrides", {}).get(wildcards.ssl_method, {}))
+    overrides.update(ssl_group(wildcards).get("budget", {}))
+    return json.dumps(overrides, sort_keys=True)
+
+
+def ssl_backbone(wildcards):
+    return ssl_group(wildcards)["backbone"]
+
+
+def ssl_backbone_kwargs(wildcards):
+    return json.dumps(ssl_group(wildcards).get("backbone_kwargs", {}), sort_keys=True)
+
+
+def ssl_probe_command(wildcards):
+    return "ssl-segmentation-probe" if ssl_group(wildcards).get("probe", "image") == "segmentation" else "ssl-probe"
+
+
+def ssl_probe_settings(wildcards):
+    return json.dumps(SSL.get("probe_settings", {}), sort_keys=True)
+
+
+def ssl_probe_metrics():
+    return [f"results/eval/ssl/{name}/{dataset}/{method}/seed{seed}/metrics.json"
+            for name, group in SSL_GROUPS.items() for dataset in group["datasets"] for method in group["methods"]
+            for seed in family_seeds(SSL)]
+
+
+def ssl_datasets():
+    return sorted({d for group in SSL_GROUPS.values() for d in group["datasets"]})

@@ -183,7 +183,10 @@ def _channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
         s2 = float(np.square(xc, dtype=np.uint32).sum(dtype=np.uint64))
         m = s1 / n
         mean.append(m / 255.0)
-        std.append(float(np.sqrt(max(s2 / n - m * m, 0.0))) / 255.0)
+        sd = float(np.sqrt(max(s2 / n - m * m, 0.0))) / 255.0
+        # a channel constant over the split (the blue of scenes whose palette has no blue) has no
+        # spread to divide by: 1 leaves it merely centred instead of turning it into NaN
+        std.append(sd if sd > 0 else 1.0)
     return mean, std
 
 

@@ -278,3 +278,25 @@ def intermediates(model: Classifier, x: torch.Tensor, names) -> dict[str, torch.
         for handle in handles:
             handle.remove()
     return {n: out[n] for n in names}
+
+
+def dense_features(model: Classifier, x: torch.Tensor) -> torch.Tensor:
+    """The backbone's last feature map, (B, D, h, w), in the autograd graph: what dense methods
+    train on (CoTAP) and dense probes read (a segmentation probe on frozen features).
+
+    ConvNet: the last block's activation (before global pooling; after its max-pool if it has
+    one). ResNet: layer4. ViT: the final-normed patch tokens as a map, class token dropped (the
+    tokens the pooled feature is computed from, not an un-normed intermediate block).
+    """
+    backbone = model.backbone
+    if isinstance(backbone, SmallConvNet):
+        return backbone.forward_features(x)
+    if isinstance(backbone, timm.models.vision_transformer.VisionTransformer):
+        tokens = backbone.forward_features(x)[:, backbone.num_prefix_tokens:]
+        h, w = backbone.patch_embed.dynamic_feat_size(x.shape[-2:]) if hasattr(
+            backbone.patch_embed, "dynamic_feat_size") else backbone.patch_embed.grid_size
+        return tokens.transpose(1, 2).reshape(len(x), tokens.shape[-1], h, w)
+    if isinstance(backbone, timm.models.resnet.ResNet):
+        return backbone.forward_features(x)
+    raise TypeError(f"dense_features: no feature map for a {type(backbone).__name__} backbone "
+                    f"(convnet, resnet18 and vit_tiny have one)")
