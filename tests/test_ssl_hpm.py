@@ -239,3 +239,8 @@ def test_mining_without_a_trained_predictor_is_named():
         _method("mim_random", {"alpha_end": 0.3})
     with pytest.raises(ConfigError, match="alpha_start"):
         _method("hpm", {"learn_loss": False, "alpha_start": 0.2, "alpha_end": 0.0})
+
+
+def test_decoder_heads_must_divide_the_decoder_width():
+    with pytest.raises(ConfigError, match="decoder_heads"):
+        _method("hpm", {"decoder_dim": 16, "decoder_heads": 3})

@@ -272,6 +272,8 @@ class HPM(Method):
             key = "alpha_end" if self.alpha_end > 0 else "alpha_start"
             raise ConfigError(f"{key}: {hp[key]} masks patches by predicted loss, which needs learn_loss: true "
                               f"(an untrained predictor would choose them)")
+        if int(hp["decoder_dim"]) % int(hp["decoder_heads"]):
+            raise ConfigError(f"decoder_heads: {hp['decoder_heads']} must divide decoder_dim {hp['decoder_dim']}")
         self.norm_pix = bool(hp["norm_pix_loss"])
         self.pred_weight = float(hp["pred_loss_weight"])
         in_chans = int(backbone.patch_embed.proj.in_channels)
