@@ -13,7 +13,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: setup system-deps run report test test-fast bench faults choices lint clean
 
-setup: $(VENV)/.installed system-deps
+setup: $(VENV)/.installed $(VENV)/.torchsort system-deps
 
 # Python packages: requirements.txt's pins, and the lock constraints.txt for everything they pull in
 # (torch from the local wheel store where the machine has one).
@@ -22,6 +22,17 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt -c constraints.txt
 	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+# torchsort (differentiable soft rank; the ssl family's `sorting` with relaxation: soft_rank) ships as an
+# sdist whose setup.py builds its CUDA kernels whenever `nvcc` is on PATH, and that build fails on a
+# machine with the CUDA toolkit but no GPU (no architecture to target). Without a GPU, nvcc's folders
+# leave PATH for this one build (CPU kernels only, ~2 minutes); with one, the CUDA kernels are built.
+TORCHSORT := torchsort==0.1.10
+$(VENV)/.torchsort: $(VENV)/.installed
+	@if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then path="$$PATH"; \
+	else path=$$(echo "$$PATH" | tr ':' '\n' | while read -r d; do [ -x "$$d/nvcc" ] || printf '%s:' "$$d"; done); fi; \
+	PATH="$${path%:}" MAX_JOBS=2 $(BIN)/pip install -q --no-build-isolation --no-deps $(TORCHSORT)
 	touch $@
 
 # Refresh the lock after editing requirements.txt: resolve it in a fresh temporary virtualenv, freeze

@@ -161,6 +161,17 @@ def test_training_step_is_pure_and_the_head_is_the_methods():
     first.backward()
     assert method.projector[0].weight.grad is not None and model.backbone.parameters().__next__().grad is not None
     assert not any(k.startswith("projector") for k in model.state_dict())
+    # output_bn standardises each view's z over the batch: a shift of every z (the head's last bias)
+    # changes nothing with it and changes the loss without it
+    for output_bn in (True, False):
+        method.output_bn = output_bn
+        before = method.training_step(batch)[0].item()
+        with torch.no_grad():
+            method.projector[-1].bias.add_(3.0)
+        after = method.training_step(batch)[0].item()
+        with torch.no_grad():
+            method.projector[-1].bias.sub_(3.0)
+        assert (after == pytest.approx(before, abs=1e-6)) is output_bn
 
 
 # --- end to end and bad input --------------------------------------------------------------------------

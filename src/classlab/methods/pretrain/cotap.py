@@ -55,9 +55,10 @@ only the abstract and third-party summaries of the paper were: they fix the ingr
 patches represented by learnable prototypes via cross-attention) but not every formula. So (F1)'s
 explicit no-object slot and threshold delta, the soft label y = clip(<r~_i, r~_j>, 0, 1) and the
 objectness weighting of (L1) are this implementation's reading, not the paper's verbatim
-equations. The image-level term of (L) stands in for the paper's image-level self-distillation
-base (iBOT-style on ViTs); here it is SimCLR's NT-Xent with SimCLR's projection head and
-augmentation, so that pretrain/cotap differs from pretrain/simclr only by the dense terms.
+equations. The image-level term of (L) stands in for the image-level self-distillation base the
+paper builds on (student / EMA teacher on ViTs); here it is SimCLR's NT-Xent with SimCLR's
+projection head and augmentation, so that pretrain/cotap differs from pretrain/simclr only by the
+dense terms.
 
 CPU scale (marked in cotap.yaml): the EMA teacher is kept (one extra forward without gradient)
 but with a faster momentum for runs of a few hundred steps; anchors and candidates are a few

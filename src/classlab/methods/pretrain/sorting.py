@@ -4,7 +4,8 @@ Shvetsova, Petersen, Kukleva, Schiele and Kuehne, "Learning by Sorting: Self-sup
 with Group Ordering Constraints", ICCV 2023 (official code: github.com/ninatu/learning_by_sorting).
 
 The views, the augmentation and the projection head are SimCLR's (``simclr.augmented_views``,
-``simclr.ProjectionHead``), so a comparison with SimCLR at the same budget differs only in the loss.
+``simclr.ProjectionHead``), so a comparison with SimCLR at the same budget differs only in the loss
+(and, with ``output_bn``, the paper's parameter-free standardisation of the head's output, below).
 Each image gives V views (``views``, paper: 2; 4 in its multi-view runs); z = g(f(x)) as in SimCLR
 and s(u, v) = u.v / (|u| |v|) the cosine similarity.
 
@@ -38,6 +39,11 @@ same BCE on the negative group, q'_i = sum_{j <= k} P_ij = 1 - q_i, which is equ
 
 As in the official code the positives' and negatives' embeddings are detached (``stop_grad``): the
 gradient reaches each embedding through its role as an anchor. The paper's steepness is beta = 1.
+The official projector ends in a parameter-free BatchNorm1d(affine=False), applied to each view's
+batch; ``output_bn`` (default true) applies that standardisation to SimCLR's head output here, the
+only difference from SimCLR's head. It matters: without it the similarities of a fresh network all
+lie near 0.9-1, where a steepness-1 network is flat, and the loss settles at its all-equal
+(collapsed) value; with it they spread around 0, where beta = 1 is the paper's scale.
 
 ``relaxation: soft_rank`` replaces the sorting network by the soft ranks of Blondel et al.
 (ICML 2020, "Fast Differentiable Sorting and Ranking": projection onto the permutahedron by
@@ -225,6 +231,7 @@ class Sorting(Method):
         self.relaxation = str(hp.get("relaxation", "sorting_network"))
         self.stop_grad = bool(hp.get("stop_grad", True))
         self.num_views = int(hp.get("views", 2))  # the loader makes this many views of each image
+        self.output_bn = bool(hp.get("output_bn", True))
         if not self.steepness > 0:
             raise ValueError(f"pretrain/sorting: steepness must be > 0, got {self.steepness}")
         if not self.regularization_strength > 0:
@@ -250,6 +257,11 @@ class Sorting(Method):
         views = augmented_views(self, batch)[: self.num_views]
         n = len(views[0])
         z = self.projector(self.model.features(torch.cat(views)))  # one pass: BatchNorm sees every view
-        loss, logs = groco_loss(list(z.split(n)), self.topk_neg, self.relaxation, self.steepness,
+        z = list(z.split(n))
+        if self.output_bn:
+            # the official projector's last layer, BatchNorm1d(affine=False), per view: each output
+            # dimension standardised over the batch (parameter-free; batch statistics, no buffers)
+            z = [F.batch_norm(zv.float(), None, None, training=True, eps=1e-5) for zv in z]
+        loss, logs = groco_loss(z, self.topk_neg, self.relaxation, self.steepness,
                                 self.regularization_strength, self.stop_grad)
         return loss, logs
