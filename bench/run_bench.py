@@ -605,6 +605,55 @@ def bench_single_paper() -> None:
           "adam_steps_per_s": round(icl["train_steps"] / icl["train_seconds"], 1), "batch_size": icl["hparams"]["batch_size"]})
 
 
+def bench_ssl_steps(steps: int = 6, batch: int = 128) -> None:
+    """The ssl family's pretraining step (both views, forward and backward, optimizer step) of every
+    method of config/ssl_cpu.yaml's groups on that group's backbone, two threads, in one process;
+    images/s (source images, not views) is the best of two rounds, relative to the group's baseline
+    measured in the same run."""
+    import yaml
+
+    from classlab.config import resolve_checked_hparams
+    from classlab.data.loader import AugmentSpec, TensorLoader
+    from classlab.engine.device import set_threads
+    from classlab.methods.registry import get_method
+    from classlab.models import build_classifier
+
+    set_threads(2)
+    groups = yaml.safe_load((ROOT / "config" / "ssl_cpu.yaml").read_text())["families"]["ssl"]["groups"]
+    flat = fashion_mnist()
+    # scenes for the dense group: random 84x84 RGB canvases are enough for a step's cost
+    scenes = (torch.randint(0, 256, (batch * 2, 3, 84, 84), dtype=torch.uint8), torch.zeros(batch * 2, dtype=torch.long))
+    for name, group in groups.items():
+        dense = group.get("probe") == "segmentation"
+        x, y = scenes if dense else (flat.train.x[: batch * steps], flat.train.y[: batch * steps])
+        rates = {}
+        for method in group["methods"]:
+            torch.manual_seed(0)
+            hp = resolve_checked_hparams("pretrain", method, {"batch_size": batch})
+            model = build_classifier(group["backbone"], int(x.shape[1]), 10, img_size=int(x.shape[-1]),
+                                     backbone_kwargs=group.get("backbone_kwargs") or {})
+            learner = get_method("pretrain", method)(model, hp, 10)
+            opt = learner.configure_optimizer()
+            loader = TensorLoader(x, y, batch, device=torch.device("cpu"), augment=AugmentSpec(2, True),
+                                  views=learner.num_views, drop_last=True)
+            batches = [b for _, b in zip(range(steps), loader)]
+            learner.total_steps = 2 * steps  # what the engine sets from the run's length (schedules)
+            best = 0.0
+            for _ in range(2):
+                t0 = time.perf_counter()
+                for step, b in enumerate(batches):
+                    learner.global_step = step
+                    loss, _ = learner.training_step(b)
+                    learner.optimizer_step(loss, opt, lambda: learner.training_step(b)[0])
+                best = max(best, len(batches) * batch / (time.perf_counter() - t0))
+            rates[method] = best
+        base = group["methods"][0]
+        for method, rate in rates.items():
+            emit({"bench": "ssl_pretrain_step", "group": name, "method": method, "backbone": group["backbone"],
+                  "batch_size": batch, "threads": 2, "images_per_s": round(rate, 1),
+                  f"relative_to_{base}": round(rate / rates[base], 3)})
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bench.jsonl").unlink(missing_ok=True)
@@ -624,6 +673,7 @@ def main() -> None:
     bench_prompt_learning()
     bench_metric_learning()
     bench_single_paper()
+    bench_ssl_steps()
 
 
 if __name__ == "__main__":

@@ -41,15 +41,19 @@ def test_smoke_run_produces_tables_figures_claims(smoke_run):
     assert set(vlm.method) == {"zeroshot", "coop", "csp", "capro"} and (vlm.groupby("method").seed.count() == 2).all()
     assert {p.parent.parent.name for p in (smoke_run / "results/checkpoints/vlm_pretrain").rglob("model.pt")} == \
         {"saw_base", "saw_seen"}
-    # the metric family: retrieval on digits' unseen classes and CFCD on digit scenes, one table; the
-    # single_paper family: two protocols through one rule
+    # the metric family: retrieval on digits' unseen classes; the single_paper family: two protocols
+    # through one rule; the ssl family: three pretrain nodes read by both probes
     metric = pd.read_csv(smoke_run / "results/tables/metric/runs.csv")
-    assert set(zip(metric.scenario, metric.method)) == {("retrieval/test", "multi_similarity"),
-                                                       ("retrieval/test", "metrix"), ("scenes", "cfcd")}
-    assert metric.recall_at_1.between(0, 1).all() and metric.dropna(subset=["map_at_r"]).map_at_r.between(0, 1).all()
+    assert set(zip(metric.scenario, metric.method)) == {("retrieval/test", "multi_similarity")}
+    assert metric.recall_at_1.between(0, 1).all() and metric.map_at_r.between(0, 1).all()
+    ssl = pd.read_csv(smoke_run / "results/tables/ssl/runs.csv")
+    assert set(zip(ssl.scenario, ssl.method, ssl.probe)) == {("sorting", "sorting", "image"), ("mim", "hpm", "image"),
+                                                            ("dense", "cotap", "segmentation")}
+    assert ssl.dropna(subset=["linear_probe_acc"]).linear_probe_acc.between(0.1, 1).all()
+    assert ssl.dropna(subset=["miou"]).miou.between(0, 1).all()
     single = pd.read_csv(smoke_run / "results/tables/single_paper/runs.csv")
     assert set(zip(single.protocol, single.method)) == {("icl_gd", "icl_gd"), ("aspl", "aspl")}
-    for name in ("metric/digits_retrieval", "metric/digits_scenes_retrieval", "single_paper/icl_gd_loss",
+    for name in ("metric/digits_retrieval", "ssl/probes", "single_paper/icl_gd_loss",
                  "single_paper/aspl_accuracy_vs_labels"):
         assert (smoke_run / f"results/figures/{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
