@@ -210,6 +210,28 @@ def test_training_step_is_pure_label_free_and_the_teacher_moves_only_after_the_s
     assert method.training_step(batch)[0].item() != loss.item()  # another step draws other views and patches
 
 
+def test_the_optional_image_level_term_adds_simclrs_nt_xent():
+    from classlab.methods.pretrain.simclr import augmented_views, nt_xent
+    from classlab.models.backbones import dense_features
+
+    batch = _batch()
+    dense_only = get_method("pretrain", "cotap")(_model(), _hp(global_weight=0.0), 4)
+    both = get_method("pretrain", "cotap")(_model(), _hp(global_weight=0.5), 4)
+    dense_only.train(), both.train()
+    both.dense.load_state_dict(dense_only.dense.state_dict())
+    both.teacher_dense.load_state_dict(dense_only.teacher_dense.state_dict())
+    assert not any(id(p) in {id(q) for g in dense_only.param_groups() for q in g["params"]}
+                   for p in dense_only.projector.parameters())
+    loss0, logs0 = dense_only.training_step(batch)
+    loss1, logs1 = both.training_step(batch)
+    assert logs0["nt_xent"] == 0 and torch.allclose(logs0["cotap"], logs1["cotap"])
+    v1, v2 = augmented_views(both, batch)[:2]
+    z = both.projector(dense_features(both.model, torch.cat([v1, v2])).mean(dim=(2, 3)))
+    expect = nt_xent(z[:6], z[6:], both.temperature)
+    assert logs1["nt_xent"].item() == pytest.approx(expect.item(), rel=1e-5)
+    assert loss1.item() == pytest.approx(loss0.item() + 0.5 * expect.item(), rel=1e-5)
+
+
 def test_end_to_end_pretraining_on_tiny_scenes(scenes, tmp_path):
     from classlab.train import load_model, train
 
