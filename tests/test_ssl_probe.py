@@ -187,3 +187,16 @@ def test_config_ssl_groups_are_checked():
     bad["groups"]["g"]["budget"] = {"lr": 0.1}
     with pytest.raises(ConfigError, match="families.ssl.groups.g.budget"):
         validate_config(_with_ssl(bad))
+
+
+def test_random_init_reference_takes_no_step_and_keeps_the_seeded_initialisation(digits, tmp_path):
+    from classlab.engine.device import seed_everything
+    from classlab.models import build_classifier
+
+    train("pretrain", "random_init", digits / "digits", "convnet", 5, tmp_path / "ri",
+          overrides={"epochs": 3, "batch_size": 64}, backbone_kwargs=TINY_CONVNET, threads=1, progress=False)
+    model, meta = load_model(tmp_path / "ri" / "model.pt")
+    assert meta["train_steps"] == 0
+    seed_everything(5)
+    fresh = build_classifier("convnet", 1, 10, img_size=8, backbone_kwargs=TINY_CONVNET)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))

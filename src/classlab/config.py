@@ -818,6 +818,41 @@ def _validate_shift(config: dict) -> list[str]:
     return problems
 
 
+# the ssl probes' settings (classlab.protocols.ssl_probe), here so that validating a config imports no torch
+# probe settings: the papers' evaluation defaults where they have one, CPU sizes otherwise
+PROBE_DEFAULTS = {
+    "knn_k": 20,                          # Wu et al. 2018 / DINO
+    "knn_temperature": 0.07,              # Wu et al. 2018 / DINO
+    "linear_c": [0.01, 0.1, 1.0, 10.0],   # chosen on val
+    "linear_max_iter": 300,
+    "train_per_class": 0,                 # 0: the whole train split (a seeded subset otherwise)
+    "seg_epochs": 20,                     # the epoch is chosen on val mIoU
+    "seg_lr": 0.01,
+    "seg_batch_size": 32,
+}
+
+
+def probe_settings(probe: dict | None) -> dict:
+    """PROBE_DEFAULTS with ``probe`` over them, each checked (the error names ``probe.<key>``)."""
+    probe = dict(probe or {})
+    unknown = sorted(set(probe) - set(PROBE_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"probe: unknown key(s) {unknown}; known: {sorted(PROBE_DEFAULTS)}")
+    s = {**PROBE_DEFAULTS, **probe}
+    for key in ("knn_k", "linear_max_iter", "seg_epochs", "seg_batch_size"):
+        if isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < 1:
+            raise ConfigError(f"probe.{key}: {s[key]!r}; give an integer >= 1")
+    if isinstance(s["train_per_class"], bool) or not isinstance(s["train_per_class"], int) or s["train_per_class"] < 0:
+        raise ConfigError(f"probe.train_per_class: {s['train_per_class']!r}; give an integer >= 0 (0: all)")
+    for key in ("knn_temperature", "seg_lr"):
+        if not isinstance(s[key], (int, float)) or isinstance(s[key], bool) or not s[key] > 0:
+            raise ConfigError(f"probe.{key}: {s[key]!r}; give a number > 0")
+    if (not isinstance(s["linear_c"], list) or not s["linear_c"]
+            or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in s["linear_c"])):
+        raise ConfigError(f"probe.linear_c: {s['linear_c']!r}; give a non-empty list of numbers > 0")
+    return s
+
+
 # families whose config is not `methods` + `overrides` but a grid of their own, checked by their validator
 OWN_GRID_FAMILIES = ("ssl",)
 SSL_PROBES = ("image", "segmentation")
@@ -874,8 +909,6 @@ def _validate_ssl(config: dict) -> list[str]:
     for method in spec["overrides"]:
         if method not in in_groups:
             problems.append(f"config key families.ssl.overrides.{method}: {method!r} is in no group's methods")
-    from classlab.protocols.ssl_probe import probe_settings
-
     try:
         probe_settings(spec["probe_settings"])
     except ConfigError as exc:
