@@ -30,7 +30,7 @@ SKIP = ("seed", "train_seconds", "chosen_epoch", "feature_dim", "train_samples",
 def group_of(path: Path) -> str:
     """The group of a probe's metrics.json from its path: results/eval/ssl/<group>/<dataset>/<method>/seed<s>/."""
     parts = Path(path).parts
-    return parts[-4] if len(parts) >= 4 else ""
+    return parts[-5] if len(parts) >= 5 else ""
 
 
 def ssl_runs(metric_files) -> pd.DataFrame:
@@ -39,7 +39,9 @@ def ssl_runs(metric_files) -> pd.DataFrame:
         m = read_json(path)
         rows.append({"family": FAMILY, "protocol": m["protocol"], "scenario": group_of(path), "probe": m["probe"],
                      "dataset": m.get("dataset", ""), "backbone": m.get("backbone", "") or "",
-                     "method": m["method"], "seed": int(m["seed"]), **numeric_fields(m, SKIP), **run_fields(m)})
+                     "method": m["method"], "seed": int(m["seed"]), **numeric_fields(m, SKIP), **run_fields(m),
+                     # the budget a claim compares at is the pretraining's (the probe's is the same for all)
+                     "train_steps": m.get("pretrain_steps"), "batch_size": m.get("pretrain_batch_size")})
     if not rows:
         raise ValueError("no metrics files to aggregate")
     return with_integer_budgets(pd.DataFrame(rows).sort_values(["scenario", "method", "seed"]).reset_index(drop=True))
