@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from classlab.io import read_json
-from classlab.report.tables import (method_table, numeric_fields, run_fields, summarize_numbers,
+from classlab.report.tables import (method_table, numeric_fields, percent_cell, run_fields, summarize_numbers,
                                     with_integer_budgets, write_table_set)
 
 FAMILY = "metric"
@@ -50,13 +50,6 @@ def metric_summary(runs: pd.DataFrame) -> pd.DataFrame:
     return summarize_numbers(runs, ["dataset", "backbone", "scenario", "method"])
 
 
-def _cell(row, key: str) -> str:
-    mean, std = row.get(f"{key}_mean", np.nan), row.get(f"{key}_std", np.nan)
-    if mean != mean:
-        return "-"
-    return f"{100 * mean:.1f} ± {100 * (std if std == std else 0.0):.1f}"
-
-
 def metric_markdown(summary: pd.DataFrame) -> str:
     lines = []
     titles = {"retrieval/test": "retrieval on the unseen classes (test images of the second half of the classes)",
@@ -64,7 +57,7 @@ def metric_markdown(summary: pd.DataFrame) -> str:
               "scenes": "scene retrieval, the query object among distractors"}
     for (dataset, backbone, scenario), group in summary.groupby(["dataset", "backbone", "scenario"]):
         lines.append(f"### {dataset} ({backbone}), {titles.get(scenario, scenario)}: %, mean ± std over seeds\n")
-        lines += method_table(group, DISPLAY.get(scenario, []), _cell)
+        lines += method_table(group, DISPLAY.get(scenario, []), percent_cell)
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from classlab.io import read_json
-from classlab.report.tables import (method_table, numeric_fields, run_fields, summarize_numbers,
+from classlab.report.tables import (method_table, numeric_fields, percent_cell, run_fields, summarize_numbers,
                                     with_integer_budgets, write_table_set)
 
 FAMILY = "ssl"
@@ -51,20 +51,13 @@ def ssl_summary(runs: pd.DataFrame) -> pd.DataFrame:
     return summarize_numbers(runs, ["dataset", "backbone", "scenario", "probe", "method"])
 
 
-def _cell(row, key: str) -> str:
-    mean, std = row.get(f"{key}_mean", np.nan), row.get(f"{key}_std", np.nan)
-    if mean != mean:
-        return "-"
-    return f"{100 * mean:.1f} ± {100 * (std if std == std else 0.0):.1f}"
-
-
 def ssl_markdown(summary: pd.DataFrame) -> str:
     lines = []
     for (dataset, backbone, scenario, probe), group in summary.groupby(["dataset", "backbone", "scenario", "probe"]):
         what = "linear probe and k-NN on frozen features" if probe == "image" else \
             "linear segmentation probe on frozen feature maps"
         lines.append(f"### {scenario}: {dataset} ({backbone}), {what}: %, mean ± std over seeds\n")
-        lines += method_table(group, DISPLAY.get(probe, []), _cell)
+        lines += method_table(group, DISPLAY.get(probe, []), percent_cell)
     return "\n".join(lines)
 
 

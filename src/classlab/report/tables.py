@@ -69,6 +69,14 @@ def method_table(group: pd.DataFrame, shown: list[tuple[str, str]], cell) -> lis
     return lines + [""]
 
 
+def percent_cell(row, key: str) -> str:
+    """A summary cell in %: "mean ± std" over seeds (std 0 with one seed), "-" where no run reports it."""
+    mean, std = row.get(f"{key}_mean", float("nan")), row.get(f"{key}_std", float("nan"))
+    if mean != mean:
+        return "-"
+    return f"{100 * mean:.1f} ± {100 * (std if std == std else 0.0):.1f}"
+
+
 def with_integer_budgets(runs: pd.DataFrame) -> pd.DataFrame:
     """Budget columns as nullable integers, so a CSV says 36, not 36.0, when some runs lack them."""
     for key in ("train_steps", "batch_size"):
