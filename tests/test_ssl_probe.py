@@ -200,3 +200,33 @@ def test_random_init_reference_takes_no_step_and_keeps_the_seeded_initialisation
     seed_everything(5)
     fresh = build_classifier("convnet", 1, 10, img_size=8, backbone_kwargs=TINY_CONVNET)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_ssl_tables_group_by_the_path_and_claims_pair_seeds(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from classlab.report.claims import load_claims
+    from classlab.report.ssl import write_ssl_tables, ssl_claims
+
+    files = []
+    for method, accs in (("simclr", [0.80, 0.81, 0.82]), ("sorting", [0.82, 0.83, 0.84])):
+        for seed, acc in enumerate(accs):
+            path = tmp_path / "results/eval/ssl/grp/fashion_mnist" / method / f"seed{seed}" / "metrics.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps({"protocol": "ssl_probe", "probe": "image", "method": method, "seed": seed,
+                                        "dataset": "fashion_mnist", "backbone": "convnet", "linear_probe_acc": acc,
+                                        "knn_acc": acc - 0.05, "pretrain_steps": 230, "pretrain_batch_size": 256}))
+            files.append(path)
+    (tmp_path / "claims").mkdir()
+    (tmp_path / "claims" / "ssl.yaml").write_text(
+        "- paper: p\n  statement: s\n  metric: linear_probe_acc\n  treatment: sorting\n  baseline: simclr\n"
+        "  direction: higher\n  scenario: grp\n")
+    runs = write_ssl_tables(files, tmp_path / "runs.csv", tmp_path / "summary.csv", tmp_path / "summary.md")
+    assert set(runs.scenario) == {"grp"} and (runs.train_steps == 230).all()
+    assert "### grp: fashion_mnist (convnet)" in (tmp_path / "summary.md").read_text()
+    assert "| sorting | 83.0 ± 1.0 |" in (tmp_path / "summary.md").read_text()  # mean ± std in %
+    claims = ssl_claims(runs, load_claims(tmp_path / "claims"))
+    assert len(claims) == 1 and claims.effect.iloc[0] == pytest.approx(0.02) and claims.n_seeds.iloc[0] == 3
+    assert pd.read_csv(tmp_path / "summary.csv").method.tolist() == ["simclr", "sorting"]
