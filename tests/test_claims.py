@@ -75,9 +75,11 @@ def test_every_family_file_loads_and_names_existing_methods():
     assert families == {p.stem for p in CLAIMS_DIR.glob("*.yaml")}
     for c in claims:
         for method in filter(None, (c.treatment, c.baseline)):
-            # explain runs are method@layer, and its linear-probe readout is the supervised family's
+            # explain runs are method@layer, and its linear-probe readout is the supervised family's;
+            # the ssl family compares pretrain-stage methods
             name = method.split("@")[0]
             family = "supervised" if (c.family, name) == ("explain", "linear_probe") else c.family
+            family = "pretrain" if family == "ssl" else family
             assert (ROOT / "config" / "methods" / family / f"{name}.yaml").exists(), (c.family, method)
         assert bool(c.baseline) != (c.threshold is not None)
 
