@@ -175,11 +175,11 @@ def test_smoke_run_discovery_tables_figures_claims_and_inits(smoke_run):
 
     summary = pd.read_csv(smoke_run / "results/tables/discovery/summary.csv")
     assert set(zip(summary.scenario, summary.method)) == {("gcd", "kmeans"), ("gcd", "simgcd"), ("ncd", "kmeans")}
-    assert (summary.seeds == 2).all() and summary.acc_all_mean.between(0.1, 1.0).all()
+    assert (summary.seeds == 1).all() and summary.acc_all_mean.between(0.1, 1.0).all()
     # the report says which labels each backbone saw: none (simclr), the known classes only (pretrain_known)
     inits = dict(zip(summary.scenario, summary.backbone_init))
     assert "no labels" in inits["gcd"] and "only" in inits["ncd"] and "ALL" not in inits["ncd"]
-    for seed in (0, 1):
+    for seed in (0,):
         split = json.loads((smoke_run / f"results/splits/discovery/digits/ncd/seed{seed}.json").read_text())
         hist = json.loads((smoke_run / f"results/checkpoints/pretrain_known/digits/convnet/ncd/seed{seed}/"
                            f"history.json").read_text())

@@ -29,9 +29,8 @@ def test_smoke_run_on_slurm(cluster, tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("CLASSLAB_SLURM_GPUS", "0")  # the test node has no GPU; real clusters keep 1
     monkeypatch.setenv("CLASSLAB_SLURM_PARTITION", "debug")
-    # one seed, one supervised method and the explain family that reads its checkpoint: the executor
-    # path is the same for every rule, and the suite's time budget is not (the local smoke run covers
-    # the second seed and every family)
+    # one supervised method and the explain family that reads its checkpoint: the executor path is
+    # the same for every rule, and the suite's time budget is not (the local smoke run covers every family)
     smoke = yaml.safe_load((work / "config" / "smoke.yaml").read_text())
     smoke["seeds"] = [0]
     smoke["families"] = {"supervised": {"methods": ["erm"], "overrides": {"erm": smoke["families"]["supervised"]["overrides"]["erm"]}},

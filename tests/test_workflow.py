@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_smoke_run_produces_tables_figures_claims(smoke_run):
     summary = pd.read_csv(smoke_run / "results/tables/supervised/summary.csv")
     assert set(summary.method) == {"erm", "linear_probe", "ps_kd", "erm_simclr"}
-    assert (summary.seeds == 2).all()
+    assert (summary.seeds == 1).all()
     # far above 10-class chance on digits from the supervised backbone (the smoke SimCLR node trains
     # one epoch, so erm_simclr is only required to run)
     assert summary[summary.method != "erm_simclr"].top1_mean.between(0.2, 1.0).all()
@@ -30,15 +30,15 @@ def test_smoke_run_produces_tables_figures_claims(smoke_run):
         for name in ("learning_curves", "accuracy_by_method", "reliability", "confusion", "feature_norms"):
             png = smoke_run / f"results/figures/{family}/digits/convnet/{name}.png"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # one pretrained backbone per seed and pretraining node (supervised, simclr), shared by the methods
-    assert len(list((smoke_run / "results/checkpoints/pretrain").rglob("model.pt"))) == 4
+    # one pretrained backbone per seed (one) and pretraining node (supervised, simclr), shared by the methods
+    assert len(list((smoke_run / "results/checkpoints/pretrain").rglob("model.pt"))) == 2
     # one teacher per seed, shared by the students that use one
-    assert len(list((smoke_run / "results/checkpoints/teacher").rglob("model.pt"))) == 2
+    assert len(list((smoke_run / "results/checkpoints/teacher").rglob("model.pt"))) == 1
     # the vlm family's three protocols land in one table: base-to-novel on the CLIP of digits' base
     # classes, compositional zero-shot on digits_pairs (its own CLIP of the seen pairs), label noise
     vlm = pd.read_csv(smoke_run / "results/tables/vlm/runs.csv")
     assert set(vlm.scenario) == {"base_to_novel/4shot/saw_base", "compositional/2shot", "label_noise/web0.4"}
-    assert set(vlm.method) == {"zeroshot", "coop", "csp", "capro"} and (vlm.groupby("method").seed.count() == 2).all()
+    assert set(vlm.method) == {"zeroshot", "coop", "csp", "capro"} and (vlm.groupby("method").seed.count() == 1).all()
     assert {p.parent.parent.name for p in (smoke_run / "results/checkpoints/vlm_pretrain").rglob("model.pt")} == \
         {"saw_base", "saw_seen"}
     # the metric family: retrieval on digits' unseen classes; the single_paper family: two protocols
@@ -128,9 +128,9 @@ def test_retrain_under_an_edited_setting_re_evaluates(smoke_run, tmp_path):
     shutil.copytree(smoke_run, work, symlinks=True)
     smoke = work / "config/smoke.yaml"
     smoke.write_text(smoke.read_text().replace("ps_kd: {epochs: 2,", "ps_kd: {epochs: 1,"))
-    models = [f"results/checkpoints/supervised/digits/convnet/ps_kd/seed{k}/model.pt" for k in (0, 1)]
+    models = [f"results/checkpoints/supervised/digits/convnet/ps_kd/seed{k}/model.pt" for k in (0,)]
     snakemake(work, "-c1", *models, "--allowed-rules", "train_classifier", "--configfile", "config/smoke.yaml")
     proc = snakemake(work, "-n", "--configfile", "config/smoke.yaml")
     lines = (proc.stdout + proc.stderr).splitlines()
     jobs = [line.split()[1].rstrip(":") for line in lines if line.startswith(("rule ", "localrule "))]
-    assert jobs.count("train_classifier") == 0 and jobs.count("evaluate_classifier") == 2, jobs
+    assert jobs.count("train_classifier") == 0 and jobs.count("evaluate_classifier") == 1, jobs
