@@ -102,13 +102,6 @@ def linear_probe(train_f, train_y, val_f, val_y, test_f, test_y, cs, max_iter: i
             "linear_val_curve": {str(c): a for c, a in val_acc.items()}}
 
 
-def _model_and_meta(model_path: Path):
-    from classlab.train import load_model
-
-    model, meta = load_model(model_path)
-    return model, meta
-
-
 def _per_class_subset(y: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
     if per_class <= 0:
         return torch.arange(len(y))
@@ -150,7 +143,9 @@ def run_probe(model_path: Path, data_dir: Path, seed: int, out_dir: Path, probe:
         if part.y.dim() != 1:
             raise ConfigError(f"data_dir: {data_dir} is a multi-label dataset ({data.manifest['dataset']}); the linear "
                               f"and k-NN probes need one class per image (the dense probe reads scenes)")
-    model, meta = _model_and_meta(model_path)
+    from classlab.train import load_model
+
+    model, meta = load_model(model_path)
     set_threads(threads)
     seed_everything(int(seed))
     t0 = time.time()
@@ -209,7 +204,9 @@ def run_segmentation_probe(model_path: Path, data_dir: Path, seed: int, out_dir:
                               f"segmentation probe needs a dense scenes dataset (fashion_mnist_lt_scenes)")
         if len(part) == 0:
             raise ConfigError(f"data_dir: the {split} split of {data_dir} is empty; the probe needs train, val and test")
-    model, meta = _model_and_meta(model_path)
+    from classlab.train import load_model
+
+    model, meta = load_model(model_path)
     set_threads(threads)
     seed_everything(int(seed))
     t0 = time.time()
