@@ -26,6 +26,7 @@ include: "workflow/rules/vlm.smk"
 include: "workflow/rules/metric.smk"
 include: "workflow/rules/single_paper.smk"
 include: "workflow/rules/ssl.smk"
+include: "workflow/rules/dense.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -539,6 +539,21 @@ def _metric_batches(data, batch: int, steps: int):
              "index": pick[i:i + batch]} for i in range(0, len(pick), batch)]
 
 
+def _best_training_rate(learner, batches: list, images_per_batch: int, rounds: int = 2) -> float:
+    """Images/s of ``learner``'s training step (forward, backward, optimizer step) over ``batches``, the
+    best of ``rounds`` passes (the first pass also pays for warm-up allocations)."""
+    opt = learner.configure_optimizer()
+    best = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for step, b in enumerate(batches):
+            learner.global_step = step
+            loss, _ = learner.training_step(b)
+            learner.optimizer_step(loss, opt, lambda: learner.training_step(b)[0])
+        best = max(best, len(batches) * images_per_batch / (time.perf_counter() - t0))
+    return best
+
+
 def bench_metric_learning(steps: int = 12) -> None:
     """The metric family's training step on the default ConvNet with a 64-d embedding head, batch 128 of
     the five training classes, two threads, in one process; images/s is the best of two rounds."""
@@ -556,16 +571,7 @@ def bench_metric_learning(steps: int = 12) -> None:
         hp = resolve_checked_hparams("metric", name, {})
         model = build_classifier("convnet", 1, int(hp["embedding_size"]), img_size=28)
         learner = method_class(name)(model, hp, 5)
-        opt = learner.configure_optimizer()
-        best = 0.0
-        for _ in range(2):
-            t0 = time.perf_counter()
-            for step, b in enumerate(batches):
-                learner.global_step = step
-                loss, _ = learner.training_step(b)
-                learner.optimizer_step(loss, opt, lambda: learner.training_step(b)[0])
-            best = max(best, len(batches) * 128 / (time.perf_counter() - t0))
-        rates[name] = best
+        rates[name] = _best_training_rate(learner, batches, 128)
     for name, rate in rates.items():
         emit({"bench": "metric_learning", "method": name, "model": "convnet + 64-d embedding (metric_cpu.yaml)",
               "batch_size": 128, "threads": 2, "images_per_s": round(rate, 1),
@@ -633,25 +639,63 @@ def bench_ssl_steps(steps: int = 6, batch: int = 128) -> None:
             model = build_classifier(group["backbone"], int(x.shape[1]), 10, img_size=int(x.shape[-1]),
                                      backbone_kwargs=group.get("backbone_kwargs") or {})
             learner = get_method("pretrain", method)(model, hp, 10)
-            opt = learner.configure_optimizer()
             loader = TensorLoader(x, y, batch, device=torch.device("cpu"), augment=AugmentSpec(2, True),
                                   views=learner.num_views, drop_last=True)
             batches = [b for _, b in zip(range(steps), loader)]
             learner.total_steps = 2 * steps  # what the engine sets from the run's length (schedules)
-            best = 0.0
-            for _ in range(2):
-                t0 = time.perf_counter()
-                for step, b in enumerate(batches):
-                    learner.global_step = step
-                    loss, _ = learner.training_step(b)
-                    learner.optimizer_step(loss, opt, lambda: learner.training_step(b)[0])
-                best = max(best, len(batches) * batch / (time.perf_counter() - t0))
-            rates[method] = best
+            rates[method] = _best_training_rate(learner, batches, batch)
         base = group["methods"][0]
         for method, rate in rates.items():
             emit({"bench": "ssl_pretrain_step", "group": name, "method": method, "backbone": group["backbone"],
                   "batch_size": batch, "threads": 2, "images_per_s": round(rate, 1),
                   f"relative_to_{base}": round(rate / rates[base], 3)})
+
+
+def bench_dense_steps(steps: int = 4, batch: int = 32) -> None:
+    """The dense family's training step of every method of config/dense_cpu.yaml on its backbone, on
+    random 84x84 scenes with the real targets' shapes, two threads, in one process; images/s is the best
+    of two rounds, relative to each task's baseline (class_head, pixel_head) measured in the same run."""
+    import yaml
+
+    from classlab.config import resolve_checked_hparams
+    from classlab.data.loader import TensorLoader
+    from classlab.engine.device import set_threads
+    from classlab.methods.dense_learner import DenseTargets
+    from classlab.methods.registry import get_method
+    from classlab.models import build_classifier
+
+    set_threads(2)
+    spec = yaml.safe_load((ROOT / "config" / "dense_cpu.yaml").read_text())["families"]["dense"]
+    n, side, classes, k_max = batch * steps, 84, 40, 5
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=gen)
+    # one object per 28x28 cell of a 3x3 grid, k_max slots, the rest padding
+    cells = torch.randint(0, 9, (n, k_max), generator=gen)
+    x0, y0 = (cells % 3) * 28 + 4, (cells // 3) * 28 + 4
+    boxes = torch.stack([x0, y0, x0 + 20, y0 + 20], dim=-1).float()
+    labels = torch.randint(0, classes, (n, k_max), generator=gen)
+    labels[:, 3:] = -1
+    semantic = torch.randint(0, classes + 1, (n, side, side), generator=gen)
+    targets = DenseTargets(boxes, labels, semantic)
+    loader = TensorLoader(x, torch.zeros(n, dtype=torch.long), batch, device=torch.device("cpu"), drop_last=True)
+    batches = list(loader)
+    rates, tasks = {}, {}
+    for method in spec["methods"]:
+        torch.manual_seed(0)
+        hp = resolve_checked_hparams("dense", method, {"batch_size": batch})
+        model = build_classifier(spec.get("backbone", "convnet"), 3, classes, img_size=side,
+                                 backbone_kwargs=spec.get("backbone_kwargs") or {})
+        cls = get_method("dense", method)
+        learner = cls(model, hp, classes, image_shape=(3, side, side))
+        learner.set_targets(targets)
+        learner.total_steps = 2 * steps
+        rates[method], tasks[method] = _best_training_rate(learner, batches, batch), cls.task
+    base = {"detection": "class_head", "segmentation": "pixel_head"}
+    for method, rate in rates.items():
+        ref = base[tasks[method]]
+        emit({"bench": "dense_train_step", "task": tasks[method], "method": method,
+              "backbone": spec.get("backbone", "convnet"), "batch_size": batch, "threads": 2,
+              "images_per_s": round(rate, 1), f"relative_to_{ref}": round(rate / rates[ref], 3) if ref in rates else None})
 
 
 def main() -> None:
@@ -674,6 +718,7 @@ def main() -> None:
     bench_metric_learning()
     bench_single_paper()
     bench_ssl_steps()
+    bench_dense_steps()
 
 
 if __name__ == "__main__":

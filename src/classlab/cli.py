@@ -347,6 +347,30 @@ def _plot_ssl_probes(a):
     plot_ssl_probes(a.metrics, Path(a.figure))
 
 
+def _dense_run(a):
+    from classlab.protocols.dense import run_dense
+
+    run_dense(a.method, Path(a.data), a.seed, Path(a.out_dir), backbone=a.backbone,
+              backbone_kwargs=json.loads(a.backbone_kwargs), overrides=json.loads(a.overrides), threads=a.threads,
+              device=a.device, progress=not a.no_progress)
+
+
+def _aggregate_dense(a):
+    from classlab.io import write_text
+    from classlab.report.claims import load_claims
+    from classlab.report.dense import dense_claims, write_dense_tables
+
+    claims = load_claims(a.claims_dir)
+    runs = write_dense_tables(a.metrics, Path(a.runs_csv), Path(a.summary_csv), Path(a.summary_md))
+    write_text(a.claims_csv, dense_claims(runs, claims).to_csv(index=False))
+
+
+def _plot_dense_examples(a):
+    from classlab.report.dense import plot_dense_examples
+
+    plot_dense_examples(a.metrics, a.predictions, Path(a.data), Path(a.figure))
+
+
 def _plot_retrieval(a):
     from classlab.report.metric import plot_retrieval_examples
 
@@ -531,7 +555,7 @@ def _add_run_options(p, init_help: str, init_required: bool = False) -> None:
 
 
 def _add_metric_options(p, method_help: str, data_help: str) -> None:
-    """What a metric-family run takes (metric-retrieval, metric-scenes)."""
+    """What a metric- or dense-family run takes (metric-retrieval, metric-scenes, dense-run)."""
     p.add_argument("--method", required=True, help=method_help)
     p.add_argument("--data", required=True, help=data_help)
     p.add_argument("--seed", type=int, required=True)
@@ -839,6 +863,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics", nargs="+", required=True)
     p.add_argument("--figure", required=True)
     p.set_defaults(func=_plot_ssl_probes)
+
+    p = sub.add_parser("dense-run", help="detection or segmentation on long-tailed scenes: train, score val and test")
+    _add_metric_options(p, "a method of config/methods/dense/", "prepared dense scenes dataset directory")
+    p.set_defaults(func=_dense_run)
+
+    p = sub.add_parser("aggregate-dense", help="AP / mIoU / rare-class F1 / pixel ECE tables and the dense family's claims")
+    p.add_argument("--metrics", nargs="+", required=True)
+    _add_table_outputs(p)
+    p.set_defaults(func=_aggregate_dense)
+
+    p = sub.add_parser("plot-dense-examples", help="test scenes with each dense method's detections or masks drawn")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--predictions", nargs="+", required=True)
+    p.add_argument("--data", required=True, help="prepared dense scenes dataset directory")
+    p.add_argument("--figure", required=True)
+    p.set_defaults(func=_plot_dense_examples)
 
     p = sub.add_parser("source-statistics", help="class-conditional feature statistics of a source model on its train split")
     p.add_argument("--checkpoint", required=True, help="the source model.pt")

@@ -424,6 +424,8 @@ def validate_config(config: dict) -> dict:
         problems += _validate_vlm(config)
     if "ssl" in config["families"]:
         problems += _validate_ssl(config)
+    if "dense" in config["families"]:
+        problems += _validate_dense(config)
     for family, spec in config["families"].items():
         if family in OWN_GRID_FAMILIES:  # checked by its own validator above
             continue
@@ -914,6 +916,14 @@ def _validate_ssl(config: dict) -> list[str]:
     except ConfigError as exc:
         problems.append(f"config key families.ssl.probe_settings: {exc}")
     return problems
+
+
+def _validate_dense(config: dict) -> list[str]:
+    """The dense family trains one backbone per run from scratch; its kwargs must fit that backbone."""
+    spec = config["families"]["dense"]
+    spec.setdefault("backbone", "convnet")
+    spec.setdefault("backbone_kwargs", {})
+    return _backbone_kwargs_problems(spec["backbone"], spec["backbone_kwargs"], "families.dense.backbone_kwargs")
 
 
 def _validate_condense(config: dict) -> list[str]:

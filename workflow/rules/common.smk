@@ -41,6 +41,7 @@ ALL_DATASETS = sorted(
     | set(((FAMILIES.get("metric", {}).get("scenes") or {}).get("datasets", [])))
     | ({FAMILIES["single_paper"].get("dataset", "fashion_mnist")} if "single_paper" in FAMILIES else set())
     | {d for group in (FAMILIES.get("ssl", {}).get("groups") or {}).values() for d in group["datasets"]}
+    | set(FAMILIES.get("dense", {}).get("datasets", []))
 )
 
 
@@ -131,6 +132,9 @@ def all_targets():
     if "ssl" in FAMILIES:
         targets += ["results/tables/ssl/summary.md", "results/tables/ssl/summary.csv",
                     "results/figures/ssl/probes.png"]
+    if "dense" in FAMILIES:
+        targets += ["results/tables/dense/summary.md", "results/tables/dense/summary.csv"]
+        targets += dense_figure_targets()
     if "single_paper" in FAMILIES:
         targets += ["results/tables/single_paper/summary.md", "results/tables/single_paper/summary.csv"]
         targets += single_paper_figure_targets()
@@ -989,3 +993,36 @@ def ssl_probe_metrics():
 
 def ssl_datasets():
     return sorted({d for group in SSL_GROUPS.values() for d in group["datasets"]})
+
+
+# --- family `dense` (detection and segmentation on long-tailed scenes) ------------------------------
+
+DENSE = FAMILIES.get("dense", {})
+
+
+def dense_overrides(wildcards):
+    return json.dumps(DENSE.get("overrides", {}).get(wildcards.dense_method, {}), sort_keys=True)
+
+
+def dense_backbone_kwargs(wildcards):
+    return json.dumps(DENSE.get("backbone_kwargs", {}), sort_keys=True)
+
+
+def dense_backbone(wildcards):
+    return DENSE.get("backbone", "convnet")
+
+
+def dense_run_metrics():
+    return expand("results/eval/dense/{dataset}/{method}/seed{seed}/metrics.json",
+                  dataset=DENSE.get("datasets", []), method=DENSE.get("methods", []), seed=family_seeds(DENSE))
+
+
+def dense_figure_targets():
+    return expand("results/figures/dense/{dataset}_examples.png", dataset=DENSE.get("datasets", []))
+
+
+def dense_example_runs(wildcards):
+    """The first seed's run of every method on one dataset, for the figure of drawn predictions."""
+    return {name: expand("results/eval/dense/{dataset}/{method}/seed{seed}/{file}", dataset=wildcards.dataset,
+                         method=DENSE.get("methods", []), seed=family_seeds(DENSE)[0], file=file)
+            for name, file in (("metrics", "metrics.json"), ("predictions", "predictions.npz"))}
