@@ -17,7 +17,7 @@ from classlab.data.registry import get_dataset
 SMALL = {"colors": ["red", "green"], "n_train": 48, "n_val": 16, "n_test": 16, "imbalance_ratio": 5.0,
          "k_min": 1, "k_max": 3, "rare_max": 3, "common_max": 12}
 FAST = {"epochs": 1, "batch_size": 16}
-BUDGET_KEYS = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "warmup_frac")
+BUDGET_KEYS = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "warmup_frac", "grad_clip")
 BACKBONE_KWARGS = {"widths": [8, 16], "pool_after": [0]}
 
 

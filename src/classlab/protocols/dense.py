@@ -148,6 +148,11 @@ def evaluate_segmentation(learner, part, mean, std, device, bands: dict, num_cla
     return metrics, {"masks": masks.numpy()}
 
 
+def _json_list(values: list) -> list:
+    """A per-class list for metrics.json: NaN (a class without ground truth) written as null."""
+    return [None if v is None or (isinstance(v, float) and v != v) else v for v in values]
+
+
 def run_dense(method: str, data_dir: Path, seed: int, out_dir: Path, backbone: str = "convnet",
               backbone_kwargs: dict | None = None, overrides: dict | None = None, threads: int | None = None,
               device: str | None = None, progress: bool = True) -> dict:
@@ -209,7 +214,7 @@ def run_dense(method: str, data_dir: Path, seed: int, out_dir: Path, backbone: s
         "protocol": PROTOCOL, "family": FAMILY, "task": cls.task, "method": method, "seed": int(seed),
         "dataset": manifest.get("dataset", ""), "backbone": backbone, "backbone_kwargs": backbone_kwargs,
         **scalars, **{f"val_{k}": v for k, v in val_metrics.items() if not isinstance(v, list)},
-        **{k: v for k, v in test_metrics.items() if isinstance(v, list)},
+        **{k: _json_list(v) for k, v in test_metrics.items() if isinstance(v, list)},
         "bands": bands, "class_names": learner.class_names, "n_train_images": len(data.train),
         "n_val_images": len(data.val), "n_test_images": len(data.test),
         "train_steps": int(trainer.steps_done), "train_seconds": train_seconds, "eval_seconds": eval_seconds,

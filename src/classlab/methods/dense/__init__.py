@@ -1,0 +1,1 @@
+"""Detection and segmentation on scenes (dense family)."""
