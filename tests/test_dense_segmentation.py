@@ -199,6 +199,17 @@ def test_swapping_two_class_tokens_swaps_their_logit_maps():
     assert not torch.allclose(after, before, atol=1e-3)
 
 
+def test_segface_token_decoder_trains_at_its_own_rate():
+    learner = tiny_learner("segface", {"lr": 0.01, "segface_lr_scale": 0.2})
+    optimizer = learner.configure_optimizer()
+    rest, tokens = optimizer.param_groups
+    assert rest["lr"] == pytest.approx(0.01) and tokens["lr"] == pytest.approx(0.002)
+    assert any(p is learner.class_tokens for p in tokens["params"])
+    assert not any(p is learner.class_tokens for p in rest["params"])
+    every = {id(p) for p in learner.parameters()}
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == every
+
+
 def test_segface_loss_is_half_ce_half_dice_by_hand():
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]]).T.reshape(1, 3, 1, 2)  # pixels labelled 0 and 2
     target = torch.tensor([[[0, 2]]])

@@ -141,7 +141,8 @@ def test_timestep_sets_and_each_weighting_formula():
     errors = torch.tensor([[[1.0, 4.0], [2.0, 1.0]]])
     assert torch.allclose(weighted_scores(errors, torch.tensor([1.0, 1.0])), torch.tensor([[2.5, 1.5]]))
     assert torch.allclose(weighted_scores(errors, torch.tensor([2.0, 0.0])), torch.tensor([[1.0, 2.0]]))
-    assert predict(errors, torch.tensor([1.0, 1.0])).item() == 1 and predict(errors, torch.tensor([2.0, 0.0])).item() == 0
+    assert predict(errors, torch.tensor([1.0, 1.0])).item() == 1
+    assert predict(errors, torch.tensor([2.0, 0.0])).item() == 0
 
 
 def test_learned_weighting_moves_weight_to_the_informative_timestep():
@@ -284,8 +285,8 @@ def test_classify_compositions_reports_every_weighting_and_chance(trained, pairs
 
     out, _ = trained
     m = classify_compositions(out / "model.pt", pairs_prepared, 0, tmp_path / "cls",
-                              {"timestep_samples": 2, "eval_per_unseen_pair": 2, "eval_per_seen_pair": 1, "fit_per_pair": 1,
-                               "learned_steps": 5},
+                              {"timestep_samples": 2, "eval_per_unseen_pair": 2, "eval_per_seen_pair": 1,
+                               "fit_per_pair": 1, "learned_steps": 5},
                               threads=1)
     assert m["chance_pair"] == 1 / 40 and m["candidates"] == 40 and m["n_test_images"] == 30 + 2 * 10
     for w in ("uniform", "learned", "elbo"):

@@ -640,7 +640,8 @@ def personalize(model_path: Path, data_dir: Path, seed: int, out_dir: Path, over
                "composed_colours": [pairs["attributes"][a] for a in others], "samples_per_colour": n,
                **mean_of(rows, ""), **mean_of(base_rows, "base_"), **mean_of(after_rows, "class_after_"),
                **{f"instance_{key}": value for key, value in instance_scores.items()},
-               "per_colour_composition_accuracy": {pairs["attributes"][a]: v for a, v in zip(others, rows["composition"])},
+               "per_colour_composition_accuracy": {pairs["attributes"][a]: v
+                                                   for a, v in zip(others, rows["composition"])},
                "spl_final": spl_final, "spl_weight": float(hp["spl_weight"]), **evaluator_checks,
                "history": history, "finetune_seconds": finetune_seconds, "sample_seconds": sample_seconds,
                "finetune_cpu_seconds": finetune_cpu_seconds, "sample_cpu_seconds": sample_cpu_seconds,

@@ -28,7 +28,11 @@ the image's fused features, so that each class has its own image-conditioned que
       L_Dice = (1 / K) sum_c [1 - (2 sum_i p_c(i) t_c(i) + s) / (sum_i p_c(i)^2 + sum_i t_c(i)^2 + s)],  s = 1e-5.
 
 The paper's depth is 2 with 8 heads and an MLP 8x the width (256 / 2048); here the width is the
-shared ``decoder_dim`` and heads / MLP ratio are ``segface_heads`` / ``segface_mlp_ratio``.
+shared ``decoder_dim`` and heads / MLP ratio are ``segface_heads`` / ``segface_mlp_ratio``. SegFace trains
+everything at 1e-4 (AdamW, a pretrained backbone); the family's shared rate is tuned for a convnet from
+scratch (5e-3), at which the token decoder did not train (its first self-attention has no residual, as
+SAM's, and collapsed the tokens), so the tokens, transformer and token MLP train at ``segface_lr_scale``
+times the shared rate (``param_groups``).
 """
 from __future__ import annotations
 

@@ -228,13 +228,15 @@ class DiffusionClassifier(Method):
                 raise ConfigError("fit_per_pair: the learned weighting needs labelled fit images (val split)")
             # a seeded share of the fit images selects the step (Jeong et al. keep their best validation step)
             share = float(self.hparams.get("learned_select_share", 0.0))
-            order = torch.randperm(len(fit_labels), generator=torch.Generator().manual_seed(mix_seed(self.seed, 0x5E1)))
+            split_gen = torch.Generator().manual_seed(mix_seed(self.seed, 0x5E1))
+            order = torch.randperm(len(fit_labels), generator=split_gen)
             n_select = int(round(share * len(fit_labels)))
             chosen, held = order[n_select:], order[:n_select]
             coefficients, weights = fit_timestep_weights(
                 fit_errors[chosen], fit_labels[chosen], int(self.hparams["learned_degree"]),
                 int(self.hparams["learned_steps"]), float(self.hparams["learned_lr"]),
-                select_errors=fit_errors[held] if n_select else None, select_labels=fit_labels[held] if n_select else None)
+                select_errors=fit_errors[held] if n_select else None,
+                select_labels=fit_labels[held] if n_select else None)
             return weights, {"coefficients": coefficients.tolist(), "n_fit": int(len(chosen)), "n_select": n_select}
         raise ConfigError(f"weightings: {name!r}; allowed values: {list(WEIGHTINGS)}")
 
