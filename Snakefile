@@ -27,6 +27,7 @@ include: "workflow/rules/metric.smk"
 include: "workflow/rules/single_paper.smk"
 include: "workflow/rules/ssl.smk"
 include: "workflow/rules/dense.smk"
+include: "workflow/rules/generative.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -62,6 +63,10 @@ localrules:
     plot_single_paper,
     aggregate_ssl,
     plot_ssl_probes,
+    aggregate_dense,
+    plot_dense_examples,
+    aggregate_generative,
+    plot_personalised,
 
 
 rule all:

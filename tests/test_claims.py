@@ -76,8 +76,13 @@ def test_every_family_file_loads_and_names_existing_methods():
     for c in claims:
         for method in filter(None, (c.treatment, c.baseline)):
             # explain runs are method@layer, and its linear-probe readout is the supervised family's;
-            # the ssl family compares pretrain-stage methods
+            # the ssl family compares pretrain-stage methods; the generative family's classifier rows are
+            # diffusion_classifier_<timestep weighting>, against a chance row computed from the pair grid
             name = method.split("@")[0]
+            if c.family == "generative":
+                if name == "chance":
+                    continue
+                name = "diffusion_classifier" if name.startswith("diffusion_classifier_") else name
             family = "supervised" if (c.family, name) == ("explain", "linear_probe") else c.family
             family = "pretrain" if family == "ssl" else family
             assert (ROOT / "config" / "methods" / family / f"{name}.yaml").exists(), (c.family, method)

@@ -280,35 +280,82 @@ def test_train_diffusion_writes_a_weights_only_model_of_the_seen_pairs(trained, 
     assert (tmp_path / "s.png").stat().st_size > 0
 
 
-def test_classify_compositions_reports_every_weighting_and_chance(trained, pairs_prepared, tmp_path):
+@pytest.fixture(scope="module")
+def classified(trained, pairs_prepared, tmp_path_factory):
     from classlab.protocols.generative import classify_compositions
 
     out, _ = trained
-    m = classify_compositions(out / "model.pt", pairs_prepared, 0, tmp_path / "cls",
-                              {"timestep_samples": 2, "eval_per_unseen_pair": 2, "eval_per_seen_pair": 1,
-                               "fit_per_pair": 1, "learned_steps": 5},
-                              threads=1)
-    assert m["chance_pair"] == 1 / 40 and m["candidates"] == 40 and m["n_test_images"] == 30 + 2 * 10
-    for w in ("uniform", "learned", "elbo"):
-        assert 0 <= m[f"accuracy_unseen_{w}"] <= 1 and f"object_accuracy_unseen_{w}" in m
-    assert m["n_unseen_uniform"] == 2 * len(m["unseen_pairs"]) and (tmp_path / "cls" / "errors.npz").exists()
-    assert "disagreement_learned_vs_uniform" in m and (tmp_path / "cls" / "metrics.json").exists()
+    target = tmp_path_factory.mktemp("classify")
+    metrics = classify_compositions(out / "model.pt", pairs_prepared, 0, target,
+                                    {"timestep_samples": 2, "eval_per_unseen_pair": 2, "eval_per_seen_pair": 1,
+                                     "fit_per_pair": 1, "learned_steps": 5},
+                                    threads=1)
+    return target, metrics
 
 
-def test_personalize_runs_both_variants_on_the_same_instance(trained, pairs_prepared, tmp_path):
+@pytest.fixture(scope="module")
+def personalised(trained, pairs_prepared, tmp_path_factory):
     from classlab.protocols.generative import personalize
 
     out, _ = trained
     small = {"finetune_steps": 3, "samples_per_colour": 2, "sample_steps": 2, "evaluator_epochs": 1,
              "evaluator_per_object": 20}
-    with_spl = personalize(out / "model.pt", pairs_prepared, 0, tmp_path / "cd", small, threads=1)
-    without = personalize(out / "model.pt", pairs_prepared, 0, tmp_path / "pl", small, method="personalize",
-                          threads=1)
+    runs = {}
+    for method in ("classdiffusion", "personalize"):
+        target = tmp_path_factory.mktemp(method)
+        runs[method] = (target, personalize(out / "model.pt", pairs_prepared, 0, target, small, method=method,
+                                            threads=1))
+    return runs
+
+
+def test_classify_compositions_reports_every_weighting_and_chance(classified):
+    target, m = classified
+    assert m["chance_pair"] == 1 / 40 and m["candidates"] == 40 and m["n_test_images"] == 30 + 2 * 10
+    for w in ("uniform", "learned", "elbo"):
+        assert 0 <= m[f"accuracy_unseen_{w}"] <= 1 and f"object_accuracy_unseen_{w}" in m
+    assert m["n_unseen_uniform"] == 2 * len(m["unseen_pairs"]) and (target / "errors.npz").exists()
+    assert "disagreement_learned_vs_uniform" in m and (target / "metrics.json").exists()
+
+
+def test_personalize_runs_both_variants_on_the_same_instance(personalised):
+    with_spl, without = personalised["classdiffusion"][1], personalised["personalize"][1]
     assert with_spl["instance_index"] == without["instance_index"] and len(with_spl["instance_index"]) == 5
     assert with_spl["spl_weight"] == 1.0 and without["spl_weight"] == 0.0
     assert len(with_spl["composed_colours"]) == 3 and 0 <= with_spl["composition_accuracy"] <= 1
     assert with_spl["base_composition_accuracy"] == without["base_composition_accuracy"]  # same noise, same base
     assert with_spl["evaluator_colour_val_accuracy"] == 1.0  # pixel statistics name every real colour
+
+
+def test_aggregate_generative_tables_claims_and_personalised_figure(trained, classified, personalised, tmp_path):
+    import pandas as pd
+
+    from classlab.cli import main
+
+    metrics = [str(classified[0] / "metrics.json")] + [str(personalised[m][0] / "metrics.json")
+                                                      for m in ("classdiffusion", "personalize")]
+    t = tmp_path / "tables"
+    rc = main(["aggregate-generative", "--metrics", *metrics, "--histories", str(trained[0] / "history.json"),
+               "--runs-csv", str(t / "runs.csv"), "--summary-csv", str(t / "summary.csv"), "--summary-md",
+               str(t / "summary.md"), "--claims-csv", str(t / "claims.csv")])
+    assert rc in (0, None)
+    runs = pd.read_csv(t / "runs.csv")
+    classification = runs[runs.scenario == "classification"].set_index("method")
+    # one row per weighting, read from the run's own keys, and the chance row at 1 / 40 pairs
+    for w in ("uniform", "learned", "elbo"):
+        assert classification.loc[f"diffusion_classifier_{w}", "accuracy_unseen"] == \
+            pytest.approx(classified[1][f"accuracy_unseen_{w}"])
+    assert classification.loc["chance", "accuracy_unseen"] == pytest.approx(1 / 40)
+    assert set(runs[runs.scenario == "personalisation"].method) == {"classdiffusion", "personalize"}
+    assert runs[runs.scenario == "ddpm"].val_loss.iloc[0] == pytest.approx(trained[1]["val_loss"])
+    claims = pd.read_csv(t / "claims.csv")
+    assert len(claims) == 4 and (claims.n_seeds == 1).all()  # every claim of config/claims/generative.yaml
+    above = claims[claims.baseline == "chance"].iloc[0]
+    assert above.effect == pytest.approx(classified[1]["accuracy_unseen_uniform"] - 1 / 40)
+    assert "held-out pairs" in (t / "summary.md").read_text()
+    rc = main(["plot-personalised", "--metrics", *metrics[1:], "--samples",
+               *[str(personalised[m][0] / "samples.npz") for m in ("classdiffusion", "personalize")],
+               "--figure", str(tmp_path / "p.png")])
+    assert rc in (0, None) and (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("call, key", [("train", "num_train_timesteps"), ("classify", "timestep_samples"),

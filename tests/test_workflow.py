@@ -53,8 +53,20 @@ def test_smoke_run_produces_tables_figures_claims(smoke_run):
     assert ssl.dropna(subset=["miou"]).miou.between(0, 1).all()
     single = pd.read_csv(smoke_run / "results/tables/single_paper/runs.csv")
     assert set(zip(single.protocol, single.method)) == {("icl_gd", "icl_gd"), ("aspl", "aspl")}
+    # the dense family: one detector and one segmenter; the generative family: one DDPM node read by the
+    # classifier (a row per timestep weighting and chance) and by both personalisations
+    dense = pd.read_csv(smoke_run / "results/tables/dense/runs.csv")
+    assert set(zip(dense.scenario, dense.method)) == {("detection", "cq_dino"), ("segmentation", "nacl")}
+    generative = pd.read_csv(smoke_run / "results/tables/generative/runs.csv")
+    assert set(zip(generative.scenario, generative.method)) == {
+        ("ddpm", "ddpm"), ("classification", "chance"), ("personalisation", "classdiffusion"),
+        ("personalisation", "personalize"),
+        *(("classification", f"diffusion_classifier_{w}") for w in ("uniform", "learned", "elbo"))}
+    assert len(list((smoke_run / "results/generative").rglob("model.pt"))) == 1
+    assert "generative" in set(claims.family)  # (the smoke dense slice runs no claim's two arms)
     for name in ("metric/digits_retrieval", "ssl/probes", "single_paper/icl_gd_loss",
-                 "single_paper/aspl_accuracy_vs_labels"):
+                 "single_paper/aspl_accuracy_vs_labels", "dense/digits_lt_scenes_examples",
+                 "generative/digits_pairs_seed0_samples", "generative/digits_pairs_personalised"):
         assert (smoke_run / f"results/figures/{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -371,6 +371,50 @@ def _plot_dense_examples(a):
     plot_dense_examples(a.metrics, a.predictions, Path(a.data), Path(a.figure))
 
 
+def _generative_train(a):
+    from classlab.protocols.generative import train_diffusion
+
+    train_diffusion(Path(a.data), a.seed, Path(a.out_dir), overrides=json.loads(a.overrides), threads=a.threads,
+                    device=a.device, progress=not a.no_progress)
+
+
+def _generative_samples(a):
+    from classlab.protocols.generative import generate_samples
+
+    generate_samples(Path(a.model), Path(a.out), a.seed, overrides=json.loads(a.overrides),
+                     png_path=Path(a.png) if a.png else None, threads=a.threads, device=a.device)
+
+
+def _generative_classify(a):
+    from classlab.protocols.generative import classify_compositions
+
+    classify_compositions(Path(a.model), Path(a.data), a.seed, Path(a.out_dir), overrides=json.loads(a.overrides),
+                          method=a.method, threads=a.threads, device=a.device)
+
+
+def _generative_personalize(a):
+    from classlab.protocols.generative import personalize
+
+    personalize(Path(a.model), Path(a.data), a.seed, Path(a.out_dir), overrides=json.loads(a.overrides),
+                method=a.method, threads=a.threads, device=a.device)
+
+
+def _aggregate_generative(a):
+    from classlab.io import write_text
+    from classlab.report.claims import load_claims
+    from classlab.report.generative import generative_claims, write_generative_tables
+
+    claims = load_claims(a.claims_dir)
+    runs = write_generative_tables(a.metrics, a.histories, Path(a.runs_csv), Path(a.summary_csv), Path(a.summary_md))
+    write_text(a.claims_csv, generative_claims(runs, claims).to_csv(index=False))
+
+
+def _plot_personalised(a):
+    from classlab.report.generative import plot_personalised_samples
+
+    plot_personalised_samples(a.metrics, a.samples, Path(a.figure))
+
+
 def _plot_retrieval(a):
     from classlab.report.metric import plot_retrieval_examples
 
@@ -879,6 +923,50 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="prepared dense scenes dataset directory")
     p.add_argument("--figure", required=True)
     p.set_defaults(func=_plot_dense_examples)
+
+    p = sub.add_parser("generative-train", help="train the shared class-conditional DDPM on a pairs dataset's seen pairs")
+    p.add_argument("--data", required=True, help="prepared pairs dataset directory")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--overrides", default="{}", help="JSON overrides of config/methods/generative/ddpm.yaml")
+    p.add_argument("--out-dir", required=True)
+    _add_execution_options(p)
+    p.set_defaults(func=_generative_train)
+
+    p = sub.add_parser("generative-samples", help="samples of every pair of the grid from a trained DDPM (npz and PNG)")
+    p.add_argument("--model", required=True, help="the DDPM's model.pt")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--overrides", default="{}", help="JSON: sample_steps, guidance_scale, sample_eta, samples_per_pair")
+    p.add_argument("--out", required=True, help="samples.npz")
+    p.add_argument("--png", default=None, help="the samples as a PNG grid (rows = pairs, held-out rows framed)")
+    _add_execution_options(p)
+    p.set_defaults(func=_generative_samples)
+
+    for name, func, text in (
+            ("generative-classify", _generative_classify,
+             "the diffusion classifier on held-out compositions, per timestep weighting"),
+            ("generative-personalize", _generative_personalize,
+             "personalise the DDPM on one instance (classdiffusion or personalize) and test its compositions")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--method", required=True, help="a method of config/methods/generative/")
+        p.add_argument("--model", required=True, help="the DDPM's model.pt")
+        p.add_argument("--data", required=True, help="prepared pairs dataset directory")
+        p.add_argument("--seed", type=int, required=True)
+        p.add_argument("--overrides", default="{}")
+        p.add_argument("--out-dir", required=True)
+        _add_execution_options(p)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("aggregate-generative", help="DDPM, diffusion-classifier and personalisation tables and claims")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--histories", nargs="*", default=[], help="the DDPM nodes' history.json")
+    _add_table_outputs(p)
+    p.set_defaults(func=_aggregate_generative)
+
+    p = sub.add_parser("plot-personalised", help="personalised samples with and without the preservation loss")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--samples", nargs="+", required=True)
+    p.add_argument("--figure", required=True)
+    p.set_defaults(func=_plot_personalised)
 
     p = sub.add_parser("source-statistics", help="class-conditional feature statistics of a source model on its train split")
     p.add_argument("--checkpoint", required=True, help="the source model.pt")

@@ -449,12 +449,16 @@ def validate_config(config: dict) -> dict:
                     problems += _check_method(family, method, spec["overrides"].get(method),
                                               f"families.metric.overrides.{method}")
             run += scene_methods
+        if family == "generative":  # the shared node every generative method reads
+            run.append("ddpm")
+            problems += _check_method(family, "ddpm", spec["overrides"].get("ddpm"), "families.generative.overrides.ddpm")
         for method, overrides in spec["overrides"].items():
             if method not in run:
                 problems.append(f"config key families.{family}.overrides.{method}: {method!r} is not in "
                                 f"families.{family}.methods {spec['methods']}"
                                 + (" nor in the compositional, label_noise or epoch_curve methods" if family == "vlm" else "")
-                                + (" nor in families.metric.scenes.methods" if family == "metric" else ""))
+                                + (" nor in families.metric.scenes.methods" if family == "metric" else "")
+                                + (" nor the shared node ddpm" if family == "generative" else ""))
         for method in spec["methods"]:
             if method in known:
                 problems += _check_method(family, method, spec["overrides"].get(method),

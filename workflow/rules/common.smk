@@ -42,6 +42,7 @@ ALL_DATASETS = sorted(
     | ({FAMILIES["single_paper"].get("dataset", "fashion_mnist")} if "single_paper" in FAMILIES else set())
     | {d for group in (FAMILIES.get("ssl", {}).get("groups") or {}).values() for d in group["datasets"]}
     | set(FAMILIES.get("dense", {}).get("datasets", []))
+    | set(FAMILIES.get("generative", {}).get("datasets", []))
 )
 
 
@@ -135,6 +136,9 @@ def all_targets():
     if "dense" in FAMILIES:
         targets += ["results/tables/dense/summary.md", "results/tables/dense/summary.csv"]
         targets += dense_figure_targets()
+    if "generative" in FAMILIES:
+        targets += ["results/tables/generative/summary.md", "results/tables/generative/summary.csv"]
+        targets += generative_figure_targets()
     if "single_paper" in FAMILIES:
         targets += ["results/tables/single_paper/summary.md", "results/tables/single_paper/summary.csv"]
         targets += single_paper_figure_targets()
@@ -1026,3 +1030,60 @@ def dense_example_runs(wildcards):
     return {name: expand("results/eval/dense/{dataset}/{method}/seed{seed}/{file}", dataset=wildcards.dataset,
                          method=DENSE.get("methods", []), seed=family_seeds(DENSE)[0], file=file)
             for name, file in (("metrics", "metrics.json"), ("predictions", "predictions.npz"))}
+
+
+# --- family `generative` (a class-conditional DDPM, the diffusion classifier, personalisation) -------------
+
+GENERATIVE = FAMILIES.get("generative", {})
+# the methods that fine-tune the shared DDPM on one instance (the rest classify with it)
+PERSONALISATION_METHODS = ["classdiffusion", "personalize"]
+
+
+def generative_overrides(wildcards):
+    method = getattr(wildcards, "gen_method", "ddpm")
+    return json.dumps(GENERATIVE.get("overrides", {}).get(method, {}), sort_keys=True)
+
+
+def generative_sample_overrides(wildcards):
+    """The sampling keys of the DDPM's overrides (steps, guidance, eta, samples per pair): the samples
+    are drawn the way the config says the model samples."""
+    keys = ("sample_steps", "guidance_scale", "sample_eta", "samples_per_pair")
+    ddpm = GENERATIVE.get("overrides", {}).get("ddpm", {})
+    return json.dumps({k: v for k, v in ddpm.items() if k in keys}, sort_keys=True)
+
+
+def generative_personalisation_methods():
+    return [m for m in GENERATIVE.get("methods", []) if m in PERSONALISATION_METHODS]
+
+
+def generative_run_metrics():
+    runs = []
+    if "diffusion_classifier" in GENERATIVE.get("methods", []):
+        runs += expand("results/eval/generative/{dataset}/diffusion_classifier/seed{seed}/metrics.json",
+                       dataset=GENERATIVE.get("datasets", []), seed=family_seeds(GENERATIVE))
+    runs += expand("results/eval/generative/{dataset}/{method}/seed{seed}/metrics.json",
+                   dataset=GENERATIVE.get("datasets", []), method=generative_personalisation_methods(),
+                   seed=family_seeds(GENERATIVE))
+    return runs
+
+
+def generative_histories():
+    return expand("results/generative/{dataset}/ddpm/seed{seed}/history.json",
+                  dataset=GENERATIVE.get("datasets", []), seed=family_seeds(GENERATIVE))
+
+
+def generative_figure_targets():
+    """Samples of every pair from the first seed's DDPM; the personalised samples where both arms ran."""
+    seed = family_seeds(GENERATIVE)[0] if family_seeds(GENERATIVE) else 0
+    targets = expand("results/figures/generative/{dataset}_seed{seed}_samples.png",
+                     dataset=GENERATIVE.get("datasets", []), seed=seed)
+    if generative_personalisation_methods():
+        targets += expand("results/figures/generative/{dataset}_personalised.png", dataset=GENERATIVE.get("datasets", []))
+    return targets
+
+
+def generative_personalised_runs(wildcards):
+    seed = family_seeds(GENERATIVE)[0]
+    return {name: expand("results/eval/generative/{dataset}/{method}/seed{seed}/{file}", dataset=wildcards.dataset,
+                         method=generative_personalisation_methods(), seed=seed, file=file)
+            for name, file in (("metrics", "metrics.json"), ("samples", "samples.npz"))}
