@@ -698,6 +698,63 @@ def bench_dense_steps(steps: int = 4, batch: int = 32) -> None:
               "images_per_s": round(rate, 1), f"relative_to_{ref}": round(rate / rates[ref], 3) if ref in rates else None})
 
 
+def bench_generative(batch: int = 32, steps: int = 6, classify_images: int = 4) -> None:
+    """The generative family's three costs at config/methods/generative/'s defaults (the CPU grid's), on
+    random 3x28x28 images of a 4 x 10 pair grid, two threads, in one process: the DDPM's training step
+    (images/s, best of two rounds), the diffusion classifier (test images/s: every pair condition at
+    every sampled timestep), and one personalisation step with and without the semantic preservation
+    loss (relative to plain personalisation, measured in the same run)."""
+    import copy
+
+    from classlab.config import resolve_checked_hparams
+    from classlab.engine.device import set_threads
+    from classlab.methods.generative.ddpm import build_denoiser, denoiser_spec
+    from classlab.methods.registry import get_method
+
+    set_threads(2)
+    attributes, objects = ["red", "green", "blue", "yellow"], [f"garment{k}" for k in range(10)]
+    pairs = len(attributes) * len(objects)
+    hp = resolve_checked_hparams("generative", "ddpm", {})
+    torch.manual_seed(0)
+    base = build_denoiser(denoiser_spec(hp, attributes, objects, [3, 28, 28]))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch * steps, 3, 28, 28, generator=gen) * 2 - 1
+    y = torch.randint(0, pairs, (batch * steps,), generator=gen)
+    batches = [{"x": x[i:i + batch], "y": y[i:i + batch], "index": torch.arange(i, i + batch)}
+               for i in range(0, len(x), batch)]
+    ddpm = get_method("generative", "ddpm")(copy.deepcopy(base), hp, pairs)
+    ddpm.total_steps = 2 * steps
+    train_rate = _best_training_rate(ddpm, batches, batch)
+    emit({"bench": "generative", "part": "ddpm_train_step", "model": f"UNet2DModel {hp['block_out_channels']}",
+          "batch_size": batch, "threads": 2, "images_per_s": round(train_rate, 1)})
+
+    cls_hp = resolve_checked_hparams("generative", "diffusion_classifier", {})
+    classifier = get_method("generative", "diffusion_classifier")(copy.deepcopy(base).eval(), cls_hp, pairs)
+    best = 0.0
+    for _ in range(2):
+        t0 = time.perf_counter()
+        classifier.errors(x[:classify_images], range(classify_images), 0)
+        best = max(best, classify_images / (time.perf_counter() - t0))
+    forwards = pairs * int(cls_hp["timestep_samples"]) * int(cls_hp["noise_per_timestep"])
+    emit({"bench": "generative", "part": "diffusion_classifier", "candidates": pairs,
+          "timestep_samples": cls_hp["timestep_samples"], "denoiser_forwards_per_image": forwards, "threads": 2,
+          "images_per_s": round(best, 3),
+          "relative_to_ddpm_train_images_per_s": round(best / train_rate, 5)})
+
+    rates = {}
+    for method in ("personalize", "classdiffusion"):
+        p_hp = resolve_checked_hparams("generative", method, {})
+        k = int(p_hp["batch_size"])
+        learner = get_method("generative", method)(copy.deepcopy(base), p_hp, pairs)
+        learner.set_instance(0)
+        learner.total_steps = 2 * steps
+        rates[method] = _best_training_rate(learner, [{**b, "x": b["x"][:k], "y": b["y"][:k], "index": b["index"][:k]}
+                                                      for b in batches], k)
+    for method, rate in rates.items():
+        emit({"bench": "generative", "part": "personalisation_step", "method": method, "batch_size": k, "threads": 2,
+              "images_per_s": round(rate, 1), "relative_to_personalize": round(rate / rates["personalize"], 3)})
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bench.jsonl").unlink(missing_ok=True)
@@ -719,6 +776,7 @@ def main() -> None:
     bench_single_paper()
     bench_ssl_steps()
     bench_dense_steps()
+    bench_generative()
 
 
 if __name__ == "__main__":
