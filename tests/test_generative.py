@@ -76,6 +76,33 @@ def test_compositional_condition_gives_every_pair_including_held_out_ones_a_vect
     assert torch.unique(conditions, dim=0).shape[0] == conditions.shape[0]
 
 
+def test_minilm_condition_reads_the_offline_text_tower_and_the_identifier_is_a_new_token():
+    from classlab.methods.generative.ddpm import build_denoiser, minilm_identifier_features, \
+        minilm_placeholder_embedding
+    from classlab.models.text import encode_texts
+
+    garments = ["trouser", "sneaker"]
+    torch.manual_seed(0)
+    model = build_denoiser(denoiser_spec({**TINY, "condition": "minilm"}, ["red", "blue"], garments, [3, 8, 8]))
+    enc = model.encoder
+    # f(a, o) is the frozen MiniLM embedding of the phrase; an absent word drops out of the phrase
+    expected = encode_texts(["blue sneaker", "sneaker", ""]).float()
+    got = enc.features(torch.tensor([1, -1, -1]), torch.tensor([1, 1, -1]))
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert model.pair_conditions().shape == (4, model.condition_dim)
+    # with the placeholder's own input embedding, "red v trouser" is exactly the text tower's sentence;
+    # a learned identifier changes it, and the gradient reaches the identifier
+    identifier = minilm_placeholder_embedding().requires_grad_(True)
+    same = minilm_identifier_features(["red v trouser"], identifier)
+    assert torch.allclose(same, encode_texts(["red v trouser"]).float(), atol=1e-5)
+    # (a random direction: the embedding LayerNorm makes a constant shift of the token vanish)
+    moved = minilm_identifier_features(["red v trouser"],
+                                       identifier.detach() + torch.randn(identifier.shape[0]) * identifier.detach().std())
+    assert not torch.allclose(moved, same, atol=1e-3)
+    same.sum().backward()
+    assert identifier.grad is not None and identifier.grad.abs().sum() > 0
+
+
 # --- diffusion_classifier -----------------------------------------------------------------------------
 
 class RiggedDenoiser(torch.nn.Module):
