@@ -326,7 +326,7 @@ def personalised(trained, pairs_prepared, tmp_path_factory):
 
     out, _ = trained
     small = {"finetune_steps": 3, "samples_per_colour": 2, "sample_steps": 2, "evaluator_epochs": 1,
-             "evaluator_per_object": 20}
+             "evaluator_per_object": 20, "instance_screen_samples": 1}
     runs = {}
     for method in ("classdiffusion", "personalize"):
         target = tmp_path_factory.mktemp(method)
@@ -351,6 +351,9 @@ def test_personalize_runs_both_variants_on_the_same_instance(personalised):
     assert len(with_spl["composed_colours"]) == 3 and 0 <= with_spl["composition_accuracy"] <= 1
     assert with_spl["base_composition_accuracy"] == without["base_composition_accuracy"]  # same noise, same base
     assert with_spl["evaluator_colour_val_accuracy"] == 1.0  # pixel statistics name every real colour
+    # the screen depends on the base model and the seed only: both arms read the same rates
+    assert with_spl["instance_screen"] == without["instance_screen"] and len(with_spl["instance_screen"]) == 10
+    assert with_spl["instance_screen_fallback"] == (not with_spl["eligible_garments"])
 
 
 def test_aggregate_generative_tables_claims_and_personalised_figure(trained, classified, personalised, tmp_path):
@@ -383,6 +386,37 @@ def test_aggregate_generative_tables_claims_and_personalised_figure(trained, cla
                *[str(personalised[m][0] / "samples.npz") for m in ("classdiffusion", "personalize")],
                "--figure", str(tmp_path / "p.png")])
     assert rc in (0, None) and (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_instance_screen_keeps_the_garments_the_base_model_composes(monkeypatch):
+    """screen_garments reads the base model's samples of every pair with the evaluator: here garment 1 is
+    always misread, so its rate is 0 and the others' 1; with no samples every garment is eligible."""
+    import classlab.methods.generative.ddpm as ddpm_module
+    from classlab.protocols.generative import screen_garments
+
+    palette = torch.tensor([[255, 0, 0], [0, 0, 255]])
+
+    class Encoder:
+        def features(self, a, o):
+            return torch.stack([a, o], dim=1).float()
+
+    class Base:
+        num_attributes, num_objects, encoder = 2, 3, Encoder()
+
+    def fake_samples(base, features, steps, scale, generator, eta=1.0):
+        a, o = features[:, 0].long(), features[:, 1].long()
+        images = palette[a].float().view(-1, 3, 1, 1).expand(-1, 3, 8, 8).clone()
+        images[:, 0, 0, 0] = 10.0 * torch.where(o == 1, (o + 1) % 3, o)  # dark: outside the colour read
+        return images / 127.5 - 1.0
+
+    class Evaluator:
+        def garment_of(self, images):
+            return (images[:, 0, 0, 0].float() / 10.0).round().long()
+
+    monkeypatch.setattr(ddpm_module, "sample_images", fake_samples)
+    rates = screen_garments(Base(), Evaluator(), palette, 3, 4, 4.0, 1.0, torch.Generator().manual_seed(0))
+    assert rates == [1.0, 0.0, 1.0]
+    assert screen_garments(Base(), Evaluator(), palette, 0, 4, 4.0, 1.0, torch.Generator()) == [1.0, 1.0, 1.0]
 
 
 @pytest.mark.parametrize("call, key", [("train", "num_train_timesteps"), ("classify", "timestep_samples"),

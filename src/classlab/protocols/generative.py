@@ -19,7 +19,7 @@ with mean = std = 0.5), the range of the diffusion model.
   Writes ``errors.npz`` and ``metrics.json`` (last).
 - ``personalize``: ``generative/classdiffusion`` (SPL) or ``generative/personalize`` (``spl_weight: 0``)
   fine-tunes the trained DDPM on k images of one instance (one garment in one colour, from the train
-  split, drawn with the seed), then generates "<other colour> V* <garment>" for every other colour and
+  split, drawn with the seed among the garments the base model composes: ``screen_garments``), then generates "<other colour> V* <garment>" for every other colour and
   scores the samples with a fixed evaluator: the colour from pixel statistics, the garment and the
   instance's identity from a small garment classifier trained on the train split in grayscale. Writes
   ``samples.npz`` and ``metrics.json`` (last).
@@ -518,6 +518,29 @@ def _score(evaluator: GarmentEvaluator, images: torch.Tensor, colour: int, obj: 
             "identity": evaluator.identity(images, instance)}
 
 
+def screen_garments(base, evaluator: GarmentEvaluator, palette: torch.Tensor, per_pair: int, steps: int,
+                    guidance_scale: float, eta: float, generator: torch.Generator) -> list[float]:
+    """Per garment, the share of the base model's "<colour> <garment>" samples (``per_pair`` of every colour,
+    held-out pairs included) that the evaluator reads as that colour and that garment: what the base model
+    can compose before any fine-tuning. Personalising a garment it cannot compose measures nothing (both
+    arms sit at zero), so the instance is drawn among the garments at or above
+    ``instance_min_base_composition``. Depends on the base model and the seed only: both arms get the
+    same instance. ``per_pair`` 0: no screen (every garment is eligible)."""
+    from classlab.methods.generative.ddpm import sample_images
+
+    n_attr, n_obj = base.num_attributes, base.num_objects
+    if per_pair <= 0:
+        return [1.0] * n_obj
+    labels = torch.arange(n_attr * n_obj).repeat_interleave(per_pair)
+    attribute, obj = split_labels(labels, n_obj)
+    with torch.no_grad():
+        images = torch.cat([to_uint8(sample_images(base, base.encoder.features(a, o), steps, guidance_scale,
+                                                   generator, eta=eta)).cpu()
+                            for a, o in zip(attribute.split(200), obj.split(200))])
+    hit = (colour_of(images, palette) == attribute) & (evaluator.garment_of(images) == obj)
+    return [float(hit[obj == o].float().mean()) for o in range(n_obj)]
+
+
 def personalize(model_path: Path, data_dir: Path, seed: int, out_dir: Path, overrides: dict | None = None,
                 method: str = "classdiffusion", threads: int | None = None, device: str | None = None) -> dict:
     """Personalise the trained DDPM on one instance with ``method`` (``classdiffusion``, or ``personalize``:
@@ -557,10 +580,7 @@ def personalize(model_path: Path, data_dir: Path, seed: int, out_dir: Path, over
     n_attr, n_obj = len(pairs["attributes"]), len(pairs["objects"])
     palette = torch.tensor([PALETTE[c] for c in pairs["attributes"]])
     k = int(hp["instance_images"])
-    pair, instance_idx = choose_instance(data.train.x, data.train.y, list(pairs["seen"]), k,
-                                         _generator(PERSONAL_STREAM, int(seed)))
-    colour, obj = (int(v) for v in split_labels(torch.tensor(pair), n_obj))
-    instance = data.train.x[instance_idx]
+    steps_s, scale, eta = int(hp["sample_steps"]), float(hp["guidance_scale"]), float(hp["sample_eta"])
 
     # --- the fixed evaluator --------------------------------------------------------------------------
     set_threads(threads)
@@ -573,6 +593,19 @@ def personalize(model_path: Path, data_dir: Path, seed: int, out_dir: Path, over
                                                                 .float().mean()),
                         "evaluator_colour_val_accuracy": float((colour_of(data.val.x, palette) == val_objects[0])
                                                                .float().mean())}
+
+    # --- the instance: a seen pair whose garment the base model composes, its k train images -----------
+    base = base.to(dev).eval()
+    t3 = time.perf_counter()
+    screen = screen_garments(base, evaluator, palette, int(hp["instance_screen_samples"]), steps_s, scale, eta,
+                             _generator(PERSONAL_STREAM, int(seed), 0x5C))
+    eligible = [o for o, rate in enumerate(screen) if rate >= float(hp["instance_min_base_composition"])]
+    candidates = [p for p in pairs["seen"] if int(p) % n_obj in eligible] or list(pairs["seen"])
+    screen_seconds = time.perf_counter() - t3
+    pair, instance_idx = choose_instance(data.train.x, data.train.y, candidates, k,
+                                         _generator(PERSONAL_STREAM, int(seed)))
+    colour, obj = (int(v) for v in split_labels(torch.tensor(pair), n_obj))
+    instance = data.train.x[instance_idx]
 
     # --- fine-tuning ----------------------------------------------------------------------------------
     seed_everything(int(seed))
@@ -595,7 +628,6 @@ def personalize(model_path: Path, data_dir: Path, seed: int, out_dir: Path, over
     # --- the composition test: same sampling noise for every method of a seed --------------------------
     n = int(hp["samples_per_colour"])
     others = [a for a in range(n_attr) if a != colour]
-    steps_s, scale, eta = int(hp["sample_steps"]), float(hp["guidance_scale"]), float(hp["sample_eta"])
     t2, c2 = time.perf_counter(), time.process_time()
     composed, base_images, class_after = {}, {}, {}
     rows = {"composition": [], "colour": [], "garment": [], "identity": []}
@@ -643,6 +675,9 @@ def personalize(model_path: Path, data_dir: Path, seed: int, out_dir: Path, over
                "per_colour_composition_accuracy": {pairs["attributes"][a]: v
                                                    for a, v in zip(others, rows["composition"])},
                "spl_final": spl_final, "spl_weight": float(hp["spl_weight"]), **evaluator_checks,
+               "instance_screen": {pairs["objects"][o]: rate for o, rate in enumerate(screen)},
+               "eligible_garments": [pairs["objects"][o] for o in eligible],
+               "instance_screen_fallback": not eligible, "screen_seconds": screen_seconds,
                "history": history, "finetune_seconds": finetune_seconds, "sample_seconds": sample_seconds,
                "finetune_cpu_seconds": finetune_cpu_seconds, "sample_cpu_seconds": sample_cpu_seconds,
                "threads": torch.get_num_threads(),
