@@ -42,12 +42,12 @@ DISPLAY = {
                        ("disagreement_vs_uniform", "changed vs uniform")],
     "personalisation": [("composition_accuracy", "composition"), ("colour_accuracy", "colour"),
                         ("garment_accuracy", "garment"), ("identity", "identity (cos)"),
-                        ("instance_colour_accuracy", "V* colour"), ("base_composition_accuracy", "base model"),
+                        ("instance_colour", "V* colour"), ("base_composition_accuracy", "base model"),
                         ("class_after_composition_accuracy", "class after")],
 }
 PERCENT = {"accuracy_unseen", "accuracy_seen", "attribute_accuracy_unseen", "object_accuracy_unseen",
            "val_accuracy", "disagreement_vs_uniform", "composition_accuracy", "colour_accuracy",
-           "garment_accuracy", "instance_colour_accuracy", "base_composition_accuracy",
+           "garment_accuracy", "instance_colour", "base_composition_accuracy",
            "class_after_composition_accuracy"}
 DIGITS = {"val_loss": 4, "final_loss": 4, "train_steps": 0, "train_cpu_minutes": 1, "identity": 3}
 SKIP = ("seed", "model_seed")
