@@ -15,7 +15,8 @@ def _smoke():
 def test_shipped_configs_are_valid():
     for name in ("config.yaml", "smoke.yaml", "incremental.yaml", "incremental_cpu.yaml", "incremental_b0inc2.yaml", "shift_cpu.yaml", "shift.yaml", "condense_cpu.yaml", "condense.yaml",
                  "metric_cpu.yaml", "metric.yaml", "single_paper_cpu.yaml", "single_paper.yaml", "dense_cpu.yaml",
-                 "dense.yaml", "dense_cpu_nacl7.yaml", "generative_cpu.yaml", "generative.yaml"):
+                 "dense.yaml", "dense_cpu_nacl7.yaml", "generative_cpu.yaml", "generative.yaml", "generative_cpu_7seeds.yaml",
+                 "ssl_cpu_7seeds.yaml"):
         validate_config(yaml.safe_load((ROOT / "config" / name).read_text()))
 
 
