@@ -636,6 +636,8 @@ def bench_ssl_steps(steps: int = 6, batch: int = 128) -> None:
         for method in group["methods"]:
             torch.manual_seed(0)
             hp = resolve_checked_hparams("pretrain", method, {"batch_size": batch})
+            if int(hp.get("epochs", 1)) == 0:  # random_init: the untrained reference has no step to time
+                continue
             model = build_classifier(group["backbone"], int(x.shape[1]), 10, img_size=int(x.shape[-1]),
                                      backbone_kwargs=group.get("backbone_kwargs") or {})
             learner = get_method("pretrain", method)(model, hp, 10)
