@@ -305,6 +305,10 @@ def test_train_diffusion_writes_a_weights_only_model_of_the_seen_pairs(trained, 
     assert samples["images"].shape == (40, 1, 3, 8, 8) and samples["images"].dtype == np.uint8
     assert int(samples["unseen"].sum()) == len(blob["meta"]["unseen"]) and info["n_pairs"] == 40
     assert (tmp_path / "s.png").stat().st_size > 0
+    # without overrides it samples as the model was trained to (sample_steps 4 of its 20 timesteps; the
+    # YAML's 25 would exceed them), samples_per_pair included
+    info = generate_samples(out / "model.pt", tmp_path / "d.npz", 0)
+    assert info["samples_per_pair"] == blob["meta"]["hparams"]["samples_per_pair"]
 
 
 @pytest.fixture(scope="module")

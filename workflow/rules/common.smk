@@ -1044,14 +1044,6 @@ def generative_overrides(wildcards):
     return json.dumps(GENERATIVE.get("overrides", {}).get(method, {}), sort_keys=True)
 
 
-def generative_sample_overrides(wildcards):
-    """The sampling keys of the DDPM's overrides (steps, guidance, eta, samples per pair): the samples
-    are drawn the way the config says the model samples."""
-    keys = ("sample_steps", "guidance_scale", "sample_eta", "samples_per_pair")
-    ddpm = GENERATIVE.get("overrides", {}).get("ddpm", {})
-    return json.dumps({k: v for k, v in ddpm.items() if k in keys}, sort_keys=True)
-
-
 def generative_personalisation_methods():
     return [m for m in GENERATIVE.get("methods", []) if m in PERSONALISATION_METHODS]
 
@@ -1074,7 +1066,7 @@ def generative_histories():
 
 def generative_figure_targets():
     """Samples of every pair from the first seed's DDPM; the personalised samples where both arms ran."""
-    seed = family_seeds(GENERATIVE)[0] if family_seeds(GENERATIVE) else 0
+    seed = family_seeds(GENERATIVE)[0]
     targets = expand("results/figures/generative/{dataset}_seed{seed}_samples.png",
                      dataset=GENERATIVE.get("datasets", []), seed=seed)
     if generative_personalisation_methods():

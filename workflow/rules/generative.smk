@@ -37,16 +37,14 @@ rule sample_ddpm:
         samples="results/generative/{dataset}/ddpm/seed{seed}/samples.npz",
         figure=report("results/figures/generative/{dataset}_seed{seed}_samples.png",
                       caption="../report/generative_samples.rst", category="generative", subcategory="figures"),
-    params:
-        overrides=generative_sample_overrides,
     log:
         "logs/sample_ddpm/{dataset}/seed{seed}.log",
     threads: 2
     conda:
         ENV
     shell:
-        "classlab generative-samples --model {input.model} --seed {wildcards.seed} --overrides '{params.overrides}' "
-        "--out {output.samples} --png {output.figure} --threads {threads} > {log} 2>&1"
+        "classlab generative-samples --model {input.model} --seed {wildcards.seed} --out {output.samples} "
+        "--png {output.figure} --threads {threads} > {log} 2>&1"
 
 
 rule classify_compositions:

@@ -19,9 +19,10 @@ with mean = std = 0.5), the range of the diffusion model.
   Writes ``errors.npz`` and ``metrics.json`` (last).
 - ``personalize``: ``generative/classdiffusion`` (SPL) or ``generative/personalize`` (``spl_weight: 0``)
   fine-tunes the trained DDPM on k images of one instance (one garment in one colour, from the train
-  split, drawn with the seed among the garments the base model composes: ``screen_garments``), then generates "<other colour> V* <garment>" for every other colour and
-  scores the samples with a fixed evaluator: the colour from pixel statistics, the garment and the
-  instance's identity from a small garment classifier trained on the train split in grayscale. Writes
+  split, drawn with the seed among the garments the base model composes: ``screen_garments``), then
+  generates "<other colour> V* <garment>" for every other colour and scores the samples with a fixed
+  evaluator: the colour from pixel statistics, the garment and the instance's identity from a small
+  garment classifier trained on the train split in grayscale. Writes
   ``samples.npz`` and ``metrics.json`` (last).
 
 Every function checks its inputs first (hyperparameter types and ranges, every diffusion timestep count
@@ -214,15 +215,17 @@ def generate_samples(model_path: Path, out_path: Path, seed: int, overrides: dic
     """``samples_per_pair`` samples of every pair of the grid (held-out pairs included) from the trained
     DDPM into ``out_path`` (.npz: ``images`` uint8 (P, n, C, H, W), ``labels``, ``unseen`` flags, ``names``),
     and a PNG grid at ``png_path`` where given. ``overrides`` may set the sampling keys only
-    (sample_steps, guidance_scale, sample_eta, samples_per_pair)."""
+    (sample_steps, guidance_scale, sample_eta, samples_per_pair); the rest sample as the model was
+    trained to (its recorded hyperparameters), else as generative/ddpm's YAML says."""
     from classlab.engine.device import pick_device, set_threads
     from classlab.methods.generative.ddpm import sample_images
 
     extra = sorted(set(overrides or {}) - set(SAMPLE_KEYS))
     if extra:
         raise ConfigError(f"overrides: {extra} are not sampling keys; generate_samples takes {list(SAMPLE_KEYS)}")
-    hp = _hparams("ddpm", overrides)
     denoiser, meta = _load_model_for(model_path)
+    trained_with = {k: v for k, v in (meta.get("hparams") or {}).items() if k in SAMPLE_KEYS}
+    hp = _hparams("ddpm", {**trained_with, **(overrides or {})})
     if hp["sample_steps"] > int(denoiser.spec["num_train_timesteps"]):
         raise ConfigError(f"sample_steps: {hp['sample_steps']} exceeds the model's "
                           f"{denoiser.spec['num_train_timesteps']} training timesteps")
